@@ -1,0 +1,154 @@
+/*
+ * The batched forward pass of the decoder over B sequences of T tokens,
+ * keeping the activations a backward pass needs when asked to.
+ */
+#include "model/model.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops/activation.h"
+#include "ops/attention.h"
+#include "ops/embedding.h"
+#include "ops/matmul.h"
+#include "ops/norm.h"
+#include "ops/rope.h"
+
+/* Points every buffer into one allocation, in the order of the size table. */
+cp_status cp_forward_buffers_init(cp_forward_buffers *fb, const cp_model_config *cfg, int B,
+                                  int T, int save_all_layers, cp_error *err)
+{
+    memset(fb, 0, sizeof *fb);
+    size_t BT = (size_t)B * T, C = cfg->hidden_size, F = cfg->intermediate_size;
+    size_t H = cfg->n_heads, KVH = cfg->n_kv_heads, D = cfg->head_dim, V = cfg->vocab_size;
+    size_t L = save_all_layers ? (size_t)cfg->n_layers : 1;
+
+    struct {
+        float **field;
+        size_t count;
+    } table[] = {
+        {&fb->residual, L * BT * C},   {&fb->norm1, L * BT * C},
+        {&fb->rstd1, L * BT},          {&fb->q, L * BT * H * D},
+        {&fb->k, L * BT * KVH * D},    {&fb->v, L * BT * KVH * D},
+        {&fb->att, L * B * H * T * T}, {&fb->attn_out, L * BT * H * D},
+        {&fb->mid, L * BT * C},        {&fb->norm2, L * BT * C},
+        {&fb->rstd2, L * BT},          {&fb->gate, L * BT * F},
+        {&fb->up, L * BT * F},         {&fb->swiglu, L * BT * F},
+        {&fb->scratch, BT * C},        {&fb->final, BT * C},
+        {&fb->norm_f, BT * C},         {&fb->rstd_f, BT},
+        {&fb->logits, BT * V},
+    };
+    size_t n_fields = sizeof table / sizeof *table, total = 0;
+    for (size_t i = 0; i < n_fields; i++)
+        total += table[i].count;
+
+    fb->memory = malloc(total * sizeof(float));
+    fb->pos = malloc(BT * sizeof *fb->pos);
+    if (!fb->memory || !fb->pos) {
+        cp_forward_buffers_free(fb);
+        return cp_error_nomem(err, "activations", total * sizeof(float));
+    }
+    float *p = fb->memory;
+    for (size_t i = 0; i < n_fields; i++) {
+        *table[i].field = p;
+        p += table[i].count;
+    }
+    for (size_t i = 0; i < BT; i++)
+        fb->pos[i] = (int)(i % (size_t)T);
+    fb->B = B;
+    fb->T = T;
+    fb->n_saved_layers = (int)L;
+    return CP_OK;
+}
+
+void cp_forward_buffers_free(cp_forward_buffers *fb)
+{
+    free(fb->memory);
+    free(fb->pos);
+    memset(fb, 0, sizeof *fb);
+}
+
+/* Pointers to layer l's slice of each per-layer buffer. */
+typedef struct layer_acts {
+    float *residual, *norm1, *rstd1, *q, *k, *v, *att, *attn_out;
+    float *mid, *norm2, *rstd2, *gate, *up, *swiglu;
+} layer_acts;
+
+static layer_acts layer_slice(const cp_forward_buffers *fb, const cp_model_config *c, int l)
+{
+    size_t slot = fb->n_saved_layers > 1 ? (size_t)l : 0;
+    size_t BT = (size_t)fb->B * fb->T, C = c->hidden_size, F = c->intermediate_size;
+    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    size_t att = (size_t)fb->B * c->n_heads * fb->T * fb->T;
+    return (layer_acts){
+        .residual = fb->residual + slot * BT * C,
+        .norm1 = fb->norm1 + slot * BT * C,
+        .rstd1 = fb->rstd1 + slot * BT,
+        .q = fb->q + slot * BT * qd,
+        .k = fb->k + slot * BT * kvd,
+        .v = fb->v + slot * BT * kvd,
+        .att = fb->att + slot * att,
+        .attn_out = fb->attn_out + slot * BT * qd,
+        .mid = fb->mid + slot * BT * C,
+        .norm2 = fb->norm2 + slot * BT * C,
+        .rstd2 = fb->rstd2 + slot * BT,
+        .gate = fb->gate + slot * BT * F,
+        .up = fb->up + slot * BT * F,
+        .swiglu = fb->swiglu + slot * BT * F,
+    };
+}
+
+static void add_inplace(float *dst, const float *src, size_t n)
+{
+#pragma omp parallel for if (n > 65536)
+    for (size_t i = 0; i < n; i++)
+        dst[i] += src[i];
+}
+
+/* One decoder layer: x_out = mid + mlp(norm2(mid)), mid = x_in + attn(norm1(x_in)). */
+static void layer_forward(const cp_model *m, cp_forward_buffers *fb, int l, float *x_out)
+{
+    const cp_model_config *c = &m->cfg;
+    const cp_layer_weights *w = &m->layers[l];
+    layer_acts a = layer_slice(fb, c, l);
+    int B = fb->B, T = fb->T, N = B * T, C = c->hidden_size, F = c->intermediate_size;
+    int H = c->n_heads, KVH = c->n_kv_heads, D = c->head_dim;
+
+    /* Attention block. */
+    cp_rmsnorm_forward(a.norm1, a.rstd1, a.residual, w->attn_norm, N, C, c->rms_norm_eps);
+    cp_matmul_forward(a.q, a.norm1, w->wq, NULL, N, C, H * D);
+    cp_matmul_forward(a.k, a.norm1, w->wk, NULL, N, C, KVH * D);
+    cp_matmul_forward(a.v, a.norm1, w->wv, NULL, N, C, KVH * D);
+    cp_rope_forward(a.q, fb->pos, N, H, D, m->inv_freq);
+    cp_rope_forward(a.k, fb->pos, N, KVH, D, m->inv_freq);
+    cp_attention_forward(a.attn_out, a.att, a.q, a.k, a.v, B, T, H, KVH, D, c->sliding_window);
+    cp_matmul_forward(fb->scratch, a.attn_out, w->wo, NULL, N, H * D, C);
+    memcpy(a.mid, a.residual, (size_t)N * C * sizeof(float));
+    add_inplace(a.mid, fb->scratch, (size_t)N * C);
+
+    /* MLP block. */
+    cp_rmsnorm_forward(a.norm2, a.rstd2, a.mid, w->mlp_norm, N, C, c->rms_norm_eps);
+    cp_matmul_forward(a.gate, a.norm2, w->w_gate, NULL, N, C, F);
+    cp_matmul_forward(a.up, a.norm2, w->w_up, NULL, N, C, F);
+    cp_swiglu_forward(a.swiglu, a.gate, a.up, (size_t)N * F);
+    cp_matmul_forward(fb->scratch, a.swiglu, w->w_down, NULL, N, F, C);
+    memcpy(x_out, a.mid, (size_t)N * C * sizeof(float));
+    add_inplace(x_out, fb->scratch, (size_t)N * C);
+}
+
+void cp_model_forward(const cp_model *m, cp_forward_buffers *fb, const int32_t *ids)
+{
+    const cp_model_config *c = &m->cfg;
+    int N = fb->B * fb->T, C = c->hidden_size;
+
+    cp_embedding_forward(fb->residual, ids, m->embed, N, C);
+    for (int l = 0; l < c->n_layers; l++) {
+        /* The output of layer l is the input of layer l + 1, or the final state. */
+        float *x_out = fb->final;
+        if (l + 1 < c->n_layers)
+            x_out = layer_slice(fb, c, l + 1).residual;
+        layer_forward(m, fb, l, x_out);
+    }
+    cp_rmsnorm_forward(fb->norm_f, fb->rstd_f, fb->final, m->final_norm, N, C, c->rms_norm_eps);
+    cp_matmul_forward(fb->logits, fb->norm_f, m->lm_head, NULL, N, C, c->vocab_size);
+}

@@ -1,0 +1,95 @@
+/* Incremental decoding with a key/value cache. */
+#include "model/kv_cache.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops/activation.h"
+#include "ops/attention.h"
+#include "ops/matmul.h"
+#include "ops/norm.h"
+#include "ops/rope.h"
+
+cp_status cp_kv_cache_init(cp_kv_cache *kv, const cp_model_config *cfg, int n_ctx,
+                           cp_error *err)
+{
+    memset(kv, 0, sizeof *kv);
+    size_t C = cfg->hidden_size, F = cfg->intermediate_size, V = cfg->vocab_size;
+    size_t qd = (size_t)cfg->n_heads * cfg->head_dim;
+    size_t kvd = (size_t)cfg->n_kv_heads * cfg->head_dim;
+    size_t cache = (size_t)cfg->n_layers * n_ctx * kvd;
+
+    struct {
+        float **field;
+        size_t count;
+    } table[] = {
+        {&kv->k, cache}, {&kv->v, cache},    {&kv->x, C},     {&kv->xn, C},
+        {&kv->q, qd},    {&kv->attn_out, qd}, {&kv->proj, C}, {&kv->gate, F},
+        {&kv->up, F},    {&kv->scores, (size_t)cfg->n_heads * n_ctx},
+        {&kv->logits, V},
+    };
+    size_t n_fields = sizeof table / sizeof *table, total = 0;
+    for (size_t i = 0; i < n_fields; i++)
+        total += table[i].count;
+    kv->memory = malloc(total * sizeof(float));
+    if (!kv->memory)
+        return cp_error_nomem(err, "the KV cache", total * sizeof(float));
+    float *p = kv->memory;
+    for (size_t i = 0; i < n_fields; i++) {
+        *table[i].field = p;
+        p += table[i].count;
+    }
+    kv->n_ctx = n_ctx;
+    return CP_OK;
+}
+
+void cp_kv_cache_free(cp_kv_cache *kv)
+{
+    free(kv->memory);
+    memset(kv, 0, sizeof *kv);
+}
+
+static void add_inplace(float *dst, const float *src, int n)
+{
+    for (int i = 0; i < n; i++)
+        dst[i] += src[i];
+}
+
+void cp_kv_cache_step(const cp_model *m, cp_kv_cache *kv, int32_t token)
+{
+    const cp_model_config *c = &m->cfg;
+    int C = c->hidden_size, F = c->intermediate_size;
+    int H = c->n_heads, KVH = c->n_kv_heads, D = c->head_dim;
+    int pos = kv->len;
+    size_t kvd = (size_t)KVH * D;
+    CP_ASSERT(pos < kv->n_ctx);
+
+    memcpy(kv->x, m->embed + (size_t)token * C, (size_t)C * sizeof(float));
+    for (int l = 0; l < c->n_layers; l++) {
+        const cp_layer_weights *w = &m->layers[l];
+        float *k_cache = kv->k + (size_t)l * kv->n_ctx * kvd;
+        float *v_cache = kv->v + (size_t)l * kv->n_ctx * kvd;
+        float *k_new = k_cache + (size_t)pos * kvd, *v_new = v_cache + (size_t)pos * kvd;
+
+        cp_rmsnorm_forward(kv->xn, NULL, kv->x, w->attn_norm, 1, C, c->rms_norm_eps);
+        cp_matmul_forward(kv->q, kv->xn, w->wq, NULL, 1, C, H * D);
+        cp_matmul_forward(k_new, kv->xn, w->wk, NULL, 1, C, KVH * D);
+        cp_matmul_forward(v_new, kv->xn, w->wv, NULL, 1, C, KVH * D);
+        cp_rope_forward(kv->q, &pos, 1, H, D, m->inv_freq);
+        cp_rope_forward(k_new, &pos, 1, KVH, D, m->inv_freq);
+        cp_attention_decode(kv->attn_out, kv->scores, kv->q, k_cache, v_cache, pos + 1, H, KVH,
+                            D, c->sliding_window);
+        cp_matmul_forward(kv->proj, kv->attn_out, w->wo, NULL, 1, H * D, C);
+        add_inplace(kv->x, kv->proj, C);
+
+        cp_rmsnorm_forward(kv->xn, NULL, kv->x, w->mlp_norm, 1, C, c->rms_norm_eps);
+        cp_matmul_forward(kv->gate, kv->xn, w->w_gate, NULL, 1, C, F);
+        cp_matmul_forward(kv->up, kv->xn, w->w_up, NULL, 1, C, F);
+        cp_swiglu_forward(kv->gate, kv->gate, kv->up, (size_t)F);
+        cp_matmul_forward(kv->proj, kv->gate, w->w_down, NULL, 1, F, C);
+        add_inplace(kv->x, kv->proj, C);
+    }
+    cp_rmsnorm_forward(kv->xn, NULL, kv->x, m->final_norm, 1, C, c->rms_norm_eps);
+    cp_matmul_forward(kv->logits, kv->xn, m->lm_head, NULL, 1, C, c->vocab_size);
+    kv->len = pos + 1;
+}

@@ -1,0 +1,202 @@
+/*
+ * Loading a Hugging Face Llama or Mistral folder: config.json plus its
+ * safetensors weights (one file or shards). Every tensor the config implies
+ * must be present with the exact shape; tensors the decoder does not use
+ * (a stored rotary inv_freq, say) are ignored.
+ */
+#include "model/model.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/file.h"
+#include "ops/rope.h"
+
+/* Keeps a widened copy alive for the model's lifetime. */
+static cp_status keep_owned(cp_model *m, float *buf, cp_error *err)
+{
+    float **grown = realloc(m->owned, (size_t)(m->n_owned + 1) * sizeof *grown);
+    if (!grown) {
+        free(buf);
+        return cp_error_nomem(err, "the weight list", (size_t)(m->n_owned + 1) * sizeof *grown);
+    }
+    m->owned = grown;
+    m->owned[m->n_owned++] = buf;
+    return CP_OK;
+}
+
+static void format_shape(char *buf, size_t size, const int64_t *shape, int ndim)
+{
+    int n = snprintf(buf, size, "[");
+    for (int i = 0; i < ndim && n < (int)size; i++)
+        n += snprintf(buf + n, size - (size_t)n, i ? ", %lld" : "%lld", (long long)shape[i]);
+    if (n < (int)size)
+        snprintf(buf + n, size - (size_t)n, "]");
+}
+
+/* Binds *out to the float32 data of tensor name, which must have shape
+ * (rows, cols), or (rows) when cols is 0. */
+static cp_status bind(cp_model *m, const char *name, int64_t rows, int64_t cols,
+                      const float **out, cp_error *err)
+{
+    const cp_st_tensor *t = cp_safetensors_find(m->weights, name);
+    if (!t)
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: missing tensor \"%s\"; the weights do not match config.json "
+                            "(model_type %s)",
+                            m->dir, name, m->cfg.model_type);
+
+    int64_t want[2] = {rows, cols};
+    int want_ndim = cols ? 2 : 1;
+    if (t->ndim != want_ndim || t->shape[0] != rows || (cols && t->shape[1] != cols)) {
+        char got_s[128], want_s[64];
+        format_shape(got_s, sizeof got_s, t->shape, t->ndim);
+        format_shape(want_s, sizeof want_s, want, want_ndim);
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: tensor \"%s\" has shape %s but config.json implies %s", t->file,
+                            name, got_s, want_s);
+    }
+
+    if (t->dtype == CP_DTYPE_F32 && cp_st_tensor_is_aligned(t)) {
+        *out = t->data;
+        return CP_OK;
+    }
+    /* NOTE: F16/BF16 weights are widened to float32 here, doubling or
+     * tripling their memory; compute in the stored dtype is not done yet. */
+    size_t n = cp_st_tensor_numel(t);
+    float *buf = malloc(n * sizeof *buf);
+    if (!buf)
+        return cp_error_nomem(err, name, n * sizeof *buf);
+    if (cp_st_tensor_is_aligned(t)) {
+        cp_dtype_to_f32(t->dtype, t->data, buf, n);
+    } else {
+        /* Widening reads elements one by one through memcpy into a bounce. */
+        size_t esize = cp_dtype_size(t->dtype);
+        for (size_t i = 0; i < n; i++) {
+            uint32_t raw = 0;
+            memcpy(&raw, (const uint8_t *)t->data + i * esize, esize);
+            cp_dtype_to_f32(t->dtype, &raw, buf + i, 1);
+        }
+    }
+    *out = buf;
+    return keep_owned(m, buf, err);
+}
+
+static cp_status bind_layer(cp_model *m, int l, cp_error *err)
+{
+    const cp_model_config *c = &m->cfg;
+    int64_t C = c->hidden_size, F = c->intermediate_size;
+    int64_t q_dim = (int64_t)c->n_heads * c->head_dim, kv_dim = (int64_t)c->n_kv_heads * c->head_dim;
+    cp_layer_weights *w = &m->layers[l];
+    char name[160];
+    cp_status st;
+
+#define BIND(field, suffix, rows, cols)                                                \
+    do {                                                                               \
+        snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix);                  \
+        if ((st = bind(m, name, rows, cols, &w->field, err)) != CP_OK)                 \
+            return st;                                                                 \
+    } while (0)
+
+    BIND(attn_norm, "input_layernorm.weight", C, 0);
+    BIND(wq, "self_attn.q_proj.weight", q_dim, C);
+    BIND(wk, "self_attn.k_proj.weight", kv_dim, C);
+    BIND(wv, "self_attn.v_proj.weight", kv_dim, C);
+    BIND(wo, "self_attn.o_proj.weight", C, q_dim);
+    BIND(mlp_norm, "post_attention_layernorm.weight", C, 0);
+    BIND(w_gate, "mlp.gate_proj.weight", F, C);
+    BIND(w_up, "mlp.up_proj.weight", F, C);
+    BIND(w_down, "mlp.down_proj.weight", C, F);
+#undef BIND
+    return CP_OK;
+}
+
+static cp_status bind_all(cp_model *m, cp_error *err)
+{
+    const cp_model_config *c = &m->cfg;
+    cp_status st;
+    if ((st = bind(m, "model.embed_tokens.weight", c->vocab_size, c->hidden_size, &m->embed,
+                   err)) ||
+        (st = bind(m, "model.norm.weight", c->hidden_size, 0, &m->final_norm, err)))
+        return st;
+
+    if (c->tie_word_embeddings) {
+        m->lm_head = m->embed;
+    } else if ((st = bind(m, "lm_head.weight", c->vocab_size, c->hidden_size, &m->lm_head,
+                          err))) {
+        return st;
+    }
+
+    m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
+    if (!m->layers)
+        return cp_error_nomem(err, "layer table", (size_t)c->n_layers * sizeof *m->layers);
+    for (int l = 0; l < c->n_layers; l++)
+        if ((st = bind_layer(m, l, err)))
+            return st;
+
+    m->inv_freq = malloc((size_t)(c->head_dim / 2) * sizeof *m->inv_freq);
+    if (!m->inv_freq)
+        return cp_error_nomem(err, "RoPE table", (size_t)c->head_dim * sizeof(float));
+    cp_rope_inv_freq(m->inv_freq, c);
+    return CP_OK;
+}
+
+cp_status cp_model_load(const char *dir, cp_model **out, cp_error *err)
+{
+    *out = NULL;
+    if (!cp_file_is_dir(dir))
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: not a model folder; expected a Hugging Face folder with "
+                            "config.json and model.safetensors",
+                            dir);
+
+    cp_model *m = calloc(1, sizeof *m);
+    char *config_path = cp_path_join(dir, "config.json");
+    if (m)
+        m->dir = strdup(dir);
+    if (!m || !config_path || !m->dir) {
+        cp_model_free(m);
+        free(config_path);
+        return cp_error_nomem(err, "the model", sizeof *m);
+    }
+
+    cp_status st = cp_config_load(config_path, &m->cfg, err);
+    free(config_path);
+    if (st == CP_OK)
+        st = cp_safetensors_open(dir, &m->weights, err);
+    if (st == CP_OK)
+        st = bind_all(m, err);
+    if (st != CP_OK) {
+        cp_model_free(m);
+        return st;
+    }
+    *out = m;
+    return CP_OK;
+}
+
+void cp_model_free(cp_model *m)
+{
+    if (!m)
+        return;
+    for (int i = 0; i < m->n_owned; i++)
+        free(m->owned[i]);
+    free(m->owned);
+    free(m->layers);
+    free(m->inv_freq);
+    free(m->dir);
+    cp_safetensors_close(m->weights);
+    free(m);
+}
+
+int cp_model_vocab_size(const cp_model *m) { return m->cfg.vocab_size; }
+
+int cp_model_context_length(const cp_model *m) { return m->cfg.max_position_embeddings; }
+
+size_t cp_model_find_bad_id(const cp_model *m, const int32_t *ids, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= m->cfg.vocab_size)
+            return i + 1;
+    return 0;
+}

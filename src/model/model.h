@@ -1,0 +1,83 @@
+/*
+ * The Llama-family decoder: weights bound from a Hugging Face folder, and the
+ * buffers of one batched forward pass.
+ *
+ * Weights are borrowed from the read-only safetensors map when stored as
+ * aligned F32; F16/BF16 or misaligned tensors are widened into owned float
+ * copies. The model owns the map, the copies and the RoPE table.
+ */
+#ifndef CP_MODEL_H
+#define CP_MODEL_H
+
+#include <stdint.h>
+
+#include "cpeft.h"
+#include "io/hf_config.h"
+#include "io/safetensors.h"
+
+/* One decoder layer's frozen weights, shapes as PyTorch stores them. */
+typedef struct cp_layer_weights {
+    const float *attn_norm; /* (C) */
+    const float *wq;        /* (H*D, C) */
+    const float *wk;        /* (KVH*D, C) */
+    const float *wv;        /* (KVH*D, C) */
+    const float *wo;        /* (C, H*D) */
+    const float *mlp_norm;  /* (C) */
+    const float *w_gate;    /* (F, C) */
+    const float *w_up;      /* (F, C) */
+    const float *w_down;    /* (C, F) */
+} cp_layer_weights;
+
+struct cp_model {
+    cp_model_config cfg;
+    char *dir;                /* the folder it was loaded from */
+    cp_safetensors *weights;  /* the mapped checkpoint */
+    const float *embed;       /* (V, C) */
+    cp_layer_weights *layers; /* (n_layers) */
+    const float *final_norm;  /* (C) */
+    const float *lm_head;     /* (V, C); equals embed when tied */
+    float *inv_freq;          /* (D/2) RoPE frequencies */
+    float **owned;            /* widened copies, freed with the model */
+    int n_owned;
+};
+
+/* Activations of one forward pass over B sequences of T tokens. Buffers
+ * marked "per layer" hold n_saved_layers blocks: n_layers when the pass
+ * keeps what a backward pass needs, 1 when each layer overwrites the last. */
+typedef struct cp_forward_buffers {
+    int B, T, n_saved_layers;
+    float *residual;  /* per layer: (B, T, C) input of the layer */
+    float *norm1;     /* per layer: (B, T, C) after the attention RMSNorm */
+    float *rstd1;     /* per layer: (B, T) */
+    float *q;         /* per layer: (B, T, H, D) after RoPE */
+    float *k;         /* per layer: (B, T, KVH, D) after RoPE */
+    float *v;         /* per layer: (B, T, KVH, D) */
+    float *att;       /* per layer: (B, H, T, T) softmax probabilities */
+    float *attn_out;  /* per layer: (B, T, H, D) before o_proj */
+    float *mid;       /* per layer: (B, T, C) residual after attention */
+    float *norm2;     /* per layer: (B, T, C) after the MLP RMSNorm */
+    float *rstd2;     /* per layer: (B, T) */
+    float *gate;      /* per layer: (B, T, F) */
+    float *up;        /* per layer: (B, T, F) */
+    float *swiglu;    /* per layer: (B, T, F) silu(gate) * up */
+    float *scratch;   /* (B, T, C) projection outputs before the residual add */
+    float *final;     /* (B, T, C) output of the last layer */
+    float *norm_f;    /* (B, T, C) after the final RMSNorm */
+    float *rstd_f;    /* (B, T) */
+    float *logits;    /* (B, T, V) */
+    int *pos;         /* (B, T) positions 0..T-1 */
+    float *memory;    /* the single allocation behind every buffer above */
+} cp_forward_buffers;
+
+cp_status cp_forward_buffers_init(cp_forward_buffers *fb, const cp_model_config *cfg, int B,
+                                  int T, int save_all_layers, cp_error *err);
+void cp_forward_buffers_free(cp_forward_buffers *fb);
+
+/* Runs the decoder on ids (B, T), each sequence at positions 0..T-1, and
+ * leaves the logits in fb->logits. Ids must be inside the vocabulary. */
+void cp_model_forward(const cp_model *m, cp_forward_buffers *fb, const int32_t *ids);
+
+/* Returns 0 if every id is in [0, V), else the index of the first bad one + 1. */
+size_t cp_model_find_bad_id(const cp_model *m, const int32_t *ids, size_t n);
+
+#endif

@@ -1,0 +1,26 @@
+/*
+ * Causal grouped-query attention: H query heads share KVH key/value heads,
+ * query head h reading key/value head h / (H / KVH). Scores are scaled by
+ * 1/sqrt(D). With a sliding window W > 0 (Mistral), query i sees keys j with
+ * i - W < j <= i; with W = 0 it sees every j <= i.
+ */
+#ifndef CP_OPS_ATTENTION_H
+#define CP_OPS_ATTENTION_H
+
+/* q is (B, T, H, D), k and v are (B, T, KVH, D), out is (B, T, H, D).
+ * att (B, H, T, T) receives the softmax probabilities for the backward pass;
+ * entries outside the visible range are set to 0. */
+void cp_attention_forward(float *out, float *att, const float *q, const float *k,
+                          const float *v, int B, int T, int H, int KVH, int D, int window);
+
+/* The plain scalar kernel, the test oracle for cp_attention_forward. */
+void cp_attention_forward_ref(float *out, float *att, const float *q, const float *k,
+                              const float *v, int B, int T, int H, int KVH, int D, int window);
+
+/* One new query at position len - 1 against a KV cache: q is (H, D), k_cache
+ * and v_cache hold len rows of (KVH, D), out is (H, D), scores is scratch of
+ * (H, len). */
+void cp_attention_decode(float *out, float *scores, const float *q, const float *k_cache,
+                         const float *v_cache, int len, int H, int KVH, int D, int window);
+
+#endif

@@ -1,0 +1,19 @@
+/*
+ * Linear layers: out = inp · Wᵀ (+ bias), with W stored (OC, IC) row-major as
+ * PyTorch's nn.Linear keeps it. The fast kernel is OpenBLAS sgemm; the plain
+ * reference kernel is the test oracle.
+ */
+#ifndef CP_OPS_MATMUL_H
+#define CP_OPS_MATMUL_H
+
+/* Makes OpenBLAS single-threaded, once per process: cpeft parallelizes with
+ * OpenMP around BLAS calls, and two thread pools would oversubscribe. */
+void cp_blas_single_threaded(void);
+
+/* out is (N, OC), inp is (N, IC), weight is (OC, IC), bias is (OC) or NULL. */
+void cp_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                       int N, int IC, int OC);
+void cp_matmul_forward_ref(float *out, const float *inp, const float *weight, const float *bias,
+                           int N, int IC, int OC);
+
+#endif

@@ -1,0 +1,194 @@
+/*
+ * Runs every registered test in a child process, so that a crash or a
+ * sanitizer report fails one test rather than the whole run, and prints
+ * "N passed, N failed". Arguments, if any, are substrings that select tests.
+ */
+#define _GNU_SOURCE
+#include "test.h"
+
+#include <errno.h>
+#include <ftw.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define MAX_TESTS 1024
+
+static struct {
+    const char *name;
+    cp_test_fn fn;
+} tests[MAX_TESTS];
+static int n_tests;
+
+int cp_test_failures;
+static char tmp_root[256];
+static int tmp_count;
+
+void cp_test_register(const char *name, cp_test_fn fn)
+{
+    if (n_tests == MAX_TESTS) {
+        fprintf(stderr, "too many tests: raise MAX_TESTS in tests/runner.c\n");
+        abort();
+    }
+    tests[n_tests].name = name;
+    tests[n_tests].fn = fn;
+    n_tests++;
+}
+
+void cp_test_fail(const char *file, int line, const char *fmt, ...)
+{
+    va_list ap;
+    fprintf(stderr, "    %s:%d: ", file, line);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    cp_test_failures++;
+}
+
+char *test_shared(const char *relative)
+{
+    const char *root = getenv("CPEFT_SHARED");
+    if (!root)
+        root = "../shared";
+    char *path = NULL;
+    if (asprintf(&path, "%s/%s", root, relative) < 0)
+        abort();
+    return path;
+}
+
+const char *test_tmpdir(void)
+{
+    static char path[320];
+    snprintf(path, sizeof path, "%s/t%d", tmp_root, tmp_count++);
+    if (mkdir(path, 0755) != 0) {
+        fprintf(stderr, "cannot create %s: %s\n", path, strerror(errno));
+        abort();
+    }
+    return path;
+}
+
+char *test_write_file(const char *dir, const char *name, const void *data, size_t n)
+{
+    char *path = NULL;
+    if (asprintf(&path, "%s/%s", dir, name) < 0)
+        abort();
+    FILE *fp = fopen(path, "wb");
+    if (!fp || fwrite(data, 1, n, fp) != n || fclose(fp) != 0) {
+        fprintf(stderr, "cannot write %s\n", path);
+        abort();
+    }
+    return path;
+}
+
+static char *read_all(const char *path)
+{
+    FILE *fp = fopen(path, "rb");
+    if (!fp)
+        return strdup("");
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    size_t got;
+    while ((got = fread(buf + n, 1, cap - n - 1, fp)) > 0) {
+        n += got;
+        if (cap - n - 1 == 0)
+            buf = realloc(buf, cap *= 2);
+    }
+    buf[n] = '\0';
+    fclose(fp);
+    return buf;
+}
+
+int test_run_cli(const char *args, const char *stdin_text, char **out, char **err)
+{
+    const char *bin = getenv("CPEFT_BIN");
+    if (!bin)
+        bin = "./cpeft";
+    char dir[320];
+    snprintf(dir, sizeof dir, "%s", test_tmpdir());
+
+    char in_path[400], out_path[400], err_path[400];
+    snprintf(in_path, sizeof in_path, "%s/stdin", dir);
+    snprintf(out_path, sizeof out_path, "%s/stdout", dir);
+    snprintf(err_path, sizeof err_path, "%s/stderr", dir);
+    free(test_write_file(dir, "stdin", stdin_text ? stdin_text : "",
+                         stdin_text ? strlen(stdin_text) : 0));
+
+    char *cmd = NULL;
+    if (asprintf(&cmd, "%s %s <'%s' >'%s' 2>'%s'", bin, args, in_path, out_path, err_path) < 0)
+        abort();
+    int status = system(cmd);
+    free(cmd);
+    if (out)
+        *out = read_all(out_path);
+    if (err)
+        *err = read_all(err_path);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+int test_count_lines(const char *s)
+{
+    int n = 0;
+    for (; *s; s++)
+        if (*s == '\n' || s[1] == '\0')
+            n++;
+    return n;
+}
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+static int selected(const char *name, int argc, char **argv)
+{
+    if (argc < 2)
+        return 1;
+    for (int i = 1; i < argc; i++)
+        if (strstr(name, argv[i]))
+            return 1;
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    const char *tmp = getenv("TMPDIR");
+    snprintf(tmp_root, sizeof tmp_root, "%s/cpeft-test-XXXXXX", tmp ? tmp : "/tmp");
+    if (!mkdtemp(tmp_root)) {
+        fprintf(stderr, "cannot create a temporary directory: %s\n", strerror(errno));
+        return 1;
+    }
+
+    int passed = 0, failed = 0;
+    for (int i = 0; i < n_tests; i++) {
+        if (!selected(tests[i].name, argc, argv))
+            continue;
+        fflush(stdout);
+        pid_t pid = fork();
+        if (pid == 0) {
+            tmp_count = 1000 * (i + 1);
+            tests[i].fn();
+            exit(cp_test_failures ? 1 : 0);
+        }
+        int status = 0;
+        waitpid(pid, &status, 0);
+        int ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+        if (ok) {
+            passed++;
+            printf("ok   %s\n", tests[i].name);
+        } else {
+            failed++;
+            if (WIFSIGNALED(status))
+                printf("FAIL %s (signal %d)\n", tests[i].name, WTERMSIG(status));
+            else
+                printf("FAIL %s\n", tests[i].name);
+        }
+    }
+
+    nftw(tmp_root, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}

@@ -1,0 +1,163 @@
+/*
+ * The decoder against independent references: llama2.c's greedy output for
+ * stories260K, PyTorch logits for small random checkpoints that exercise
+ * GQA, sliding windows, explicit head_dim, untied heads and RoPE scaling
+ * (tools/ref_llama.py make-tiny), and PyTorch's eval loss on tinyshakespeare.
+ */
+#include <cJSON.h>
+#include <stdlib.h>
+
+#include "core/file.h"
+#include "io/hf_config.h"
+#include "model/kv_cache.h"
+#include "model/model.h"
+#include "test.h"
+
+static cJSON *load_json(const char *path)
+{
+    char *text = NULL;
+    cp_error err = {0};
+    if (cp_file_read(path, &text, NULL, &err) != CP_OK) {
+        cp_test_fail(__FILE__, __LINE__, "%s", err.msg);
+        return NULL;
+    }
+    cJSON *root = cJSON_Parse(text);
+    free(text);
+    CHECK_MSG(root != NULL, "%s: invalid JSON", path);
+    return root;
+}
+
+static int32_t *json_ids(const cJSON *array, size_t *n)
+{
+    *n = (size_t)cJSON_GetArraySize(array);
+    int32_t *ids = malloc((*n + 1) * sizeof *ids);
+    size_t i = 0;
+    const cJSON *el;
+    cJSON_ArrayForEach(el, array) ids[i++] = el->valueint;
+    return ids;
+}
+
+/* Checks the forward pass and the KV-cache decoder against the fixture's logits. */
+static void check_tiny_fixture(const char *name)
+{
+    char dir[256], path[300];
+    snprintf(dir, sizeof dir, "tests/fixtures/%s", name);
+    snprintf(path, sizeof path, "%s/expected.json", dir);
+    cJSON *expected = load_json(path);
+    if (!expected)
+        return;
+    cp_model *m = NULL;
+    cp_error err = {0};
+    CHECK_MSG(cp_model_load(dir, &m, &err) == CP_OK, "%s", err.msg);
+    if (!m) {
+        cJSON_Delete(expected);
+        return;
+    }
+    size_t T;
+    int32_t *ids = json_ids(cJSON_GetObjectItem(expected, "input_ids"), &T);
+    const cJSON *logits = cJSON_GetObjectItem(expected, "logits");
+    int V = m->cfg.vocab_size;
+
+    cp_forward_buffers fb;
+    CHECK(cp_forward_buffers_init(&fb, &m->cfg, 1, (int)T, 0, &err) == CP_OK);
+    cp_model_forward(m, &fb, ids);
+    cp_kv_cache kv;
+    CHECK(cp_kv_cache_init(&kv, &m->cfg, (int)T, &err) == CP_OK);
+
+    int bad = 0, bad_cached = 0;
+    for (size_t t = 0; t < T; t++) {
+        cp_kv_cache_step(m, &kv, ids[t]);
+        const cJSON *row = cJSON_GetArrayItem(logits, (int)t);
+        for (int v = 0; v < V; v++) {
+            double want = cJSON_GetArrayItem(row, v)->valuedouble;
+            double tol = 1e-4 * (fabs(want) > 1 ? fabs(want) : 1);
+            if (fabs(fb.logits[t * V + v] - want) > tol && bad++ < 3)
+                cp_test_fail(__FILE__, __LINE__, "%s: logits[%zu][%d] = %.7g, expected %.7g",
+                             name, t, v, fb.logits[t * V + v], want);
+            if (fabs(kv.logits[v] - want) > tol && bad_cached++ < 3)
+                cp_test_fail(__FILE__, __LINE__, "%s: cached logits[%zu][%d] = %.7g, expected %.7g",
+                             name, t, v, kv.logits[v], want);
+        }
+    }
+    cp_kv_cache_free(&kv);
+    cp_forward_buffers_free(&fb);
+    free(ids);
+    cp_model_free(m);
+    cJSON_Delete(expected);
+}
+
+TEST(forward_mistral_sliding_window) { check_tiny_fixture("tiny-mistral"); }
+TEST(forward_llama3_rope_scaling) { check_tiny_fixture("tiny-llama3"); }
+TEST(forward_linear_rope_scaling) { check_tiny_fixture("tiny-linear"); }
+
+TEST(generate_matches_llama2c_golden)
+{
+    cJSON *golden = load_json(test_shared("models/stories260K/golden.json"));
+    if (!golden)
+        return;
+    const cJSON *c;
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(golden, "cases"))
+    {
+        const char *prompt = cJSON_GetObjectItem(c, "prompt")->valuestring;
+        const cJSON *greedy = cJSON_GetObjectItem(c, "greedy_ids");
+        char *args = NULL, *out = NULL, *err = NULL;
+        if (asprintf(&args, "generate --model '%s' --prompt '%s' --max-new-tokens %d "
+                            "--temperature 0 --ids",
+                     test_shared("models/stories260K"), prompt, cJSON_GetArraySize(greedy)) < 0)
+            abort();
+        CHECK_EQ_INT(test_run_cli(args, NULL, &out, &err), 0);
+
+        /* Expected: the golden text, then every id joined by commas. */
+        char ids_line[8192];
+        size_t len = 0;
+        const cJSON *id;
+        cJSON_ArrayForEach(id, cJSON_GetObjectItem(c, "prompt_ids"))
+            len += (size_t)snprintf(ids_line + len, sizeof ids_line - len, "%s%d",
+                                    len ? "," : "", id->valueint);
+        cJSON_ArrayForEach(id, greedy)
+            len += (size_t)snprintf(ids_line + len, sizeof ids_line - len, ",%d", id->valueint);
+        char *want = NULL;
+        if (asprintf(&want, "%s%s\n", cJSON_GetObjectItem(c, "greedy_text")->valuestring,
+                     ids_line) < 0)
+            abort();
+        CHECK_EQ_STR(out, want);
+        free(want), free(args), free(out), free(err);
+    }
+    cJSON_Delete(golden);
+}
+
+/* cpeft eval on all of tinyshakespeare against tools/ref_llama.py eval. */
+static void check_eval(int seq_len)
+{
+    cJSON *ref = load_json("tests/fixtures/stories260K_tinyshakespeare_eval.json");
+    if (!ref)
+        return;
+    const cJSON *r, *match = NULL;
+    cJSON_ArrayForEach(r, cJSON_GetObjectItem(ref, "results"))
+        if (cJSON_GetObjectItem(r, "seq_len")->valueint == seq_len)
+            match = r;
+    CHECK(match != NULL);
+
+    char *args = NULL, *out = NULL, *err = NULL;
+    if (asprintf(&args, "eval --model '%s' --data '%s' --seq-len %d",
+                 test_shared("models/stories260K"), test_shared("data/tinyshakespeare/input.txt"),
+                 seq_len) < 0)
+        abort();
+    CHECK_EQ_INT(test_run_cli(args, NULL, &out, &err), 0);
+    cJSON *got = cJSON_Parse(out);
+    CHECK_MSG(got != NULL, "eval printed no JSON: %s %s", out, err);
+    if (got && match) {
+        CHECK_CLOSE(cJSON_GetObjectItem(got, "loss")->valuedouble,
+                    cJSON_GetObjectItem(match, "loss")->valuedouble, 1e-4);
+        CHECK_CLOSE(cJSON_GetObjectItem(got, "perplexity")->valuedouble / 
+                    cJSON_GetObjectItem(match, "perplexity")->valuedouble, 1.0, 1e-4);
+        CHECK_EQ_INT(cJSON_GetObjectItem(got, "tokens")->valueint,
+                     cJSON_GetObjectItem(match, "tokens")->valueint);
+    }
+    cJSON_Delete(got);
+    cJSON_Delete(ref);
+    free(args), free(out), free(err);
+}
+
+TEST(eval_tinyshakespeare_seq128) { check_eval(128); }
+TEST(eval_tinyshakespeare_seq512) { check_eval(512); }
