@@ -67,6 +67,12 @@ typedef struct cp_model cp_model;
 cp_status cp_model_load(const char *dir, cp_model **out, cp_error *err);
 void cp_model_free(cp_model *m);
 
+/* Loads the LoRA adapter in dir (adapter_config.json and
+ * adapter_model.safetensors in PEFT's layout, written by cpeft or by PEFT)
+ * and applies it to every later generate and evaluate call. The model owns
+ * the adapter; loading another replaces it. */
+cp_status cp_model_load_adapter(cp_model *m, const char *dir, cp_error *err);
+
 int cp_model_vocab_size(const cp_model *m);
 int cp_model_context_length(const cp_model *m);
 

@@ -7,7 +7,7 @@
 #include "core/error.h"
 #include "core/file.h"
 
-static int run(const char *model_dir, const char *data_path, int seq_len)
+static int run(const char *model_dir, const char *adapter, const char *data_path, int seq_len)
 {
     cp_error err = {0};
     cp_model *model = NULL;
@@ -19,6 +19,8 @@ static int run(const char *model_dir, const char *data_path, int seq_len)
     cp_eval_result result = {0};
 
     cp_status st = cp_model_load(model_dir, &model, &err);
+    if (st == CP_OK && adapter)
+        st = cp_model_load_adapter(model, adapter, &err);
     if (st == CP_OK)
         st = cli_load_tokenizer(model_dir, &tok, &add_bos, &err);
     if (st == CP_OK)
@@ -52,17 +54,19 @@ static int run(const char *model_dir, const char *data_path, int seq_len)
 
 int cmd_eval(int argc, char **argv)
 {
-    const char *model = NULL, *data = NULL;
+    const char *model = NULL, *adapter = NULL, *data = NULL;
     int seq_len = -1; /* -1: not given */
     const cli_option options[] = {
         {"model", CLI_STRING, &model, "DIR", "Hugging Face model folder (required)"},
+        {"adapter", CLI_STRING, &adapter, "DIR",
+         "apply the LoRA adapter in DIR (a cpeft run folder or a PEFT adapter)"},
         {"data", CLI_STRING, &data, "FILE", "text file to evaluate on (required)"},
         {"seq-len", CLI_INT, &seq_len, "N",
          "inputs per window (default: the smaller of 512 and the context length)"},
     };
     const cli_command cmd = {
         .name = "eval",
-        .usage = "--model DIR --data FILE [--seq-len N]",
+        .usage = "--model DIR [--adapter DIR] --data FILE [--seq-len N]",
         .about = "Tokenizes FILE as one text (BOS once at the start), cuts the ids into\n"
                  "consecutive windows of N inputs, each predicting the ids one position\n"
                  "further on, drops a partial last window, and prints one JSON line:\n"
@@ -78,5 +82,5 @@ int cmd_eval(int argc, char **argv)
         return cli_usage_error(&cmd, "--model and --data are required");
     if (seq_len == 0 || seq_len < -1)
         return cli_usage_error(&cmd, "--seq-len must be positive");
-    return run(model, data, seq_len);
+    return run(model, adapter, data, seq_len);
 }

@@ -9,6 +9,7 @@
 
 typedef struct generate_options {
     const char *model;
+    const char *adapter;
     const char *prompt;
     int max_new_tokens;
     float temperature;
@@ -59,6 +60,8 @@ static int run(const generate_options *o)
     int add_bos = 1;
 
     cp_status st = cp_model_load(o->model, &model, &err);
+    if (st == CP_OK && o->adapter)
+        st = cp_model_load_adapter(model, o->adapter, &err);
     if (st == CP_OK)
         st = cli_load_tokenizer(o->model, &tok, &add_bos, &err);
     if (st == CP_OK)
@@ -115,6 +118,8 @@ int cmd_generate(int argc, char **argv)
         .max_new_tokens = 256, .temperature = 0.8f, .top_p = 0.95f, .seed = 0};
     const cli_option options[] = {
         {"model", CLI_STRING, &o.model, "DIR", "Hugging Face model folder (required)"},
+        {"adapter", CLI_STRING, &o.adapter, "DIR",
+         "apply the LoRA adapter in DIR (a cpeft run folder or a PEFT adapter)"},
         {"prompt", CLI_STRING, &o.prompt, "TEXT", "text to continue (required; may be empty)"},
         {"max-new-tokens", CLI_INT, &o.max_new_tokens, "N", "tokens to generate (default 256)"},
         {"temperature", CLI_FLOAT, &o.temperature, "T",
@@ -127,7 +132,7 @@ int cmd_generate(int argc, char **argv)
     };
     const cli_command cmd = {
         .name = "generate",
-        .usage = "--model DIR --prompt TEXT [options]",
+        .usage = "--model DIR [--adapter DIR] --prompt TEXT [options]",
         .about = "Prints the prompt followed by the model's continuation and a newline.\n"
                  "Generation starts from BOS plus the prompt's tokens and stops after N\n"
                  "tokens or at the end-of-sequence token.",

@@ -9,10 +9,12 @@
 
 #include "cpeft.h"
 
+int cmd_train(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
+int cmd_convert_llama2c(int argc, char **argv);
 
 /* Loads the tokenizer of a model folder and whether it adds BOS. */
 cp_status cli_load_tokenizer(const char *path, cp_tokenizer **tok, int *add_bos, cp_error *err);

@@ -9,10 +9,13 @@ static const struct {
     int (*run)(int argc, char **argv);
     const char *about;
 } commands[] = {
+    {"train", cmd_train, "fine-tune a model with LoRA and write a PEFT adapter"},
     {"generate", cmd_generate, "continue a prompt with a model"},
     {"eval", cmd_eval, "measure a model's loss and perplexity on a text file"},
     {"tokenize", cmd_tokenize, "turn text into token ids, or ids back into text"},
     {"inspect", cmd_inspect, "show a model folder's config and tensors"},
+    {"convert-llama2c", cmd_convert_llama2c,
+     "convert a llama2.c checkpoint to a Hugging Face folder"},
 };
 
 static void print_usage(FILE *fp)

@@ -13,6 +13,7 @@
 #include "ops/matmul.h"
 #include "ops/norm.h"
 #include "ops/rope.h"
+#include "peft/lora.h"
 
 /* Points every buffer into one allocation, in the order of the size table. */
 cp_status cp_forward_buffers_init(cp_forward_buffers *fb, const cp_model_config *cfg, int B,
@@ -105,6 +106,18 @@ static void add_inplace(float *dst, const float *src, size_t n)
         dst[i] += src[i];
 }
 
+void cp_model_project(const cp_model *m, int l, int proj, float *out, const float *x, int N)
+{
+    const cp_layer_weights *w = &m->layers[l];
+    const float *weights[CP_PROJ_COUNT] = {w->wq, w->wk, w->wv, w->wo,
+                                           w->w_gate, w->w_up, w->w_down};
+    int in, outd;
+    cp_proj_shape(&m->cfg, (cp_proj)proj, &in, &outd);
+    cp_matmul_forward(out, x, weights[proj], NULL, N, in, outd);
+    if (m->lora)
+        cp_lora_forward(m->lora, l, (cp_proj)proj, out, x, N);
+}
+
 /* One decoder layer: x_out = mid + mlp(norm2(mid)), mid = x_in + attn(norm1(x_in)). */
 static void layer_forward(const cp_model *m, cp_forward_buffers *fb, int l, float *x_out)
 {
@@ -116,22 +129,22 @@ static void layer_forward(const cp_model *m, cp_forward_buffers *fb, int l, floa
 
     /* Attention block. */
     cp_rmsnorm_forward(a.norm1, a.rstd1, a.residual, w->attn_norm, N, C, c->rms_norm_eps);
-    cp_matmul_forward(a.q, a.norm1, w->wq, NULL, N, C, H * D);
-    cp_matmul_forward(a.k, a.norm1, w->wk, NULL, N, C, KVH * D);
-    cp_matmul_forward(a.v, a.norm1, w->wv, NULL, N, C, KVH * D);
+    cp_model_project(m, l, CP_PROJ_Q, a.q, a.norm1, N);
+    cp_model_project(m, l, CP_PROJ_K, a.k, a.norm1, N);
+    cp_model_project(m, l, CP_PROJ_V, a.v, a.norm1, N);
     cp_rope_forward(a.q, fb->pos, N, H, D, m->inv_freq);
     cp_rope_forward(a.k, fb->pos, N, KVH, D, m->inv_freq);
     cp_attention_forward(a.attn_out, a.att, a.q, a.k, a.v, B, T, H, KVH, D, c->sliding_window);
-    cp_matmul_forward(fb->scratch, a.attn_out, w->wo, NULL, N, H * D, C);
+    cp_model_project(m, l, CP_PROJ_O, fb->scratch, a.attn_out, N);
     memcpy(a.mid, a.residual, (size_t)N * C * sizeof(float));
     add_inplace(a.mid, fb->scratch, (size_t)N * C);
 
     /* MLP block. */
     cp_rmsnorm_forward(a.norm2, a.rstd2, a.mid, w->mlp_norm, N, C, c->rms_norm_eps);
-    cp_matmul_forward(a.gate, a.norm2, w->w_gate, NULL, N, C, F);
-    cp_matmul_forward(a.up, a.norm2, w->w_up, NULL, N, C, F);
+    cp_model_project(m, l, CP_PROJ_GATE, a.gate, a.norm2, N);
+    cp_model_project(m, l, CP_PROJ_UP, a.up, a.norm2, N);
     cp_swiglu_forward(a.swiglu, a.gate, a.up, (size_t)N * F);
-    cp_matmul_forward(fb->scratch, a.swiglu, w->w_down, NULL, N, F, C);
+    cp_model_project(m, l, CP_PROJ_DOWN, fb->scratch, a.swiglu, N);
     memcpy(x_out, a.mid, (size_t)N * C * sizeof(float));
     add_inplace(x_out, fb->scratch, (size_t)N * C);
 }

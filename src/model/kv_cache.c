@@ -9,6 +9,7 @@
 #include "ops/matmul.h"
 #include "ops/norm.h"
 #include "ops/rope.h"
+#include "peft/lora.h"
 
 cp_status cp_kv_cache_init(cp_kv_cache *kv, const cp_model_config *cfg, int n_ctx,
                            cp_error *err)
@@ -72,21 +73,21 @@ void cp_kv_cache_step(const cp_model *m, cp_kv_cache *kv, int32_t token)
         float *k_new = k_cache + (size_t)pos * kvd, *v_new = v_cache + (size_t)pos * kvd;
 
         cp_rmsnorm_forward(kv->xn, NULL, kv->x, w->attn_norm, 1, C, c->rms_norm_eps);
-        cp_matmul_forward(kv->q, kv->xn, w->wq, NULL, 1, C, H * D);
-        cp_matmul_forward(k_new, kv->xn, w->wk, NULL, 1, C, KVH * D);
-        cp_matmul_forward(v_new, kv->xn, w->wv, NULL, 1, C, KVH * D);
+        cp_model_project(m, l, CP_PROJ_Q, kv->q, kv->xn, 1);
+        cp_model_project(m, l, CP_PROJ_K, k_new, kv->xn, 1);
+        cp_model_project(m, l, CP_PROJ_V, v_new, kv->xn, 1);
         cp_rope_forward(kv->q, &pos, 1, H, D, m->inv_freq);
         cp_rope_forward(k_new, &pos, 1, KVH, D, m->inv_freq);
         cp_attention_decode(kv->attn_out, kv->scores, kv->q, k_cache, v_cache, pos + 1, H, KVH,
                             D, c->sliding_window);
-        cp_matmul_forward(kv->proj, kv->attn_out, w->wo, NULL, 1, H * D, C);
+        cp_model_project(m, l, CP_PROJ_O, kv->proj, kv->attn_out, 1);
         add_inplace(kv->x, kv->proj, C);
 
         cp_rmsnorm_forward(kv->xn, NULL, kv->x, w->mlp_norm, 1, C, c->rms_norm_eps);
-        cp_matmul_forward(kv->gate, kv->xn, w->w_gate, NULL, 1, C, F);
-        cp_matmul_forward(kv->up, kv->xn, w->w_up, NULL, 1, C, F);
+        cp_model_project(m, l, CP_PROJ_GATE, kv->gate, kv->xn, 1);
+        cp_model_project(m, l, CP_PROJ_UP, kv->up, kv->xn, 1);
         cp_swiglu_forward(kv->gate, kv->gate, kv->up, (size_t)F);
-        cp_matmul_forward(kv->proj, kv->gate, w->w_down, NULL, 1, F, C);
+        cp_model_project(m, l, CP_PROJ_DOWN, kv->proj, kv->gate, 1);
         add_inplace(kv->x, kv->proj, C);
     }
     cp_rmsnorm_forward(kv->xn, NULL, kv->x, m->final_norm, 1, C, c->rms_norm_eps);

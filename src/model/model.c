@@ -12,6 +12,8 @@
 
 #include "core/file.h"
 #include "ops/rope.h"
+#include "peft/lora.h"
+#include "peft/lora_io.h"
 
 /* Keeps a widened copy alive for the model's lifetime. */
 static cp_status keep_owned(cp_model *m, float *buf, cp_error *err)
@@ -185,6 +187,10 @@ void cp_model_free(cp_model *m)
     free(m->layers);
     free(m->inv_freq);
     free(m->dir);
+    if (m->owns_lora) {
+        cp_lora_free(m->lora);
+        free(m->lora);
+    }
     cp_safetensors_close(m->weights);
     free(m);
 }
@@ -199,4 +205,23 @@ size_t cp_model_find_bad_id(const cp_model *m, const int32_t *ids, size_t n)
         if (ids[i] < 0 || ids[i] >= m->cfg.vocab_size)
             return i + 1;
     return 0;
+}
+
+cp_status cp_model_load_adapter(cp_model *m, const char *dir, cp_error *err)
+{
+    cp_lora *lora = malloc(sizeof *lora);
+    if (!lora)
+        return cp_error_nomem(err, "the adapter", sizeof *lora);
+    cp_status st = cp_lora_load(lora, dir, &m->cfg, err);
+    if (st != CP_OK) {
+        free(lora);
+        return st;
+    }
+    if (m->owns_lora) {
+        cp_lora_free(m->lora);
+        free(m->lora);
+    }
+    m->lora = lora;
+    m->owns_lora = 1;
+    return CP_OK;
 }

@@ -39,7 +39,13 @@ struct cp_model {
     float *inv_freq;          /* (D/2) RoPE frequencies */
     float **owned;            /* widened copies, freed with the model */
     int n_owned;
+    struct cp_lora *lora;     /* an attached adapter, or NULL */
+    int owns_lora;            /* 1 when cp_model_load_adapter allocated it */
 };
+
+/* One projection of layer l: out (N, out) = x Wᵀ plus the attached
+ * adapter's contribution, if any. */
+void cp_model_project(const cp_model *m, int l, int proj, float *out, const float *x, int N);
 
 /* Activations of one forward pass over B sequences of T tokens. Buffers
  * marked "per layer" hold n_saved_layers blocks: n_layers when the pass
@@ -76,6 +82,31 @@ void cp_forward_buffers_free(cp_forward_buffers *fb);
 /* Runs the decoder on ids (B, T), each sequence at positions 0..T-1, and
  * leaves the logits in fb->logits. Ids must be inside the vocabulary. */
 void cp_model_forward(const cp_model *m, cp_forward_buffers *fb, const int32_t *ids);
+
+/* Backward pass buffers for B sequences of T tokens. */
+typedef struct cp_backward_buffers {
+    float *dres;    /* (B, T, C) gradient of the residual stream */
+    float *dnorm;   /* (B, T, C) gradient of a normalized input */
+    float *dbig1;   /* (B, T, max(F, H*D)) */
+    float *dbig2;   /* (B, T, F) */
+    float *dbig3;   /* (B, T, F) */
+    float *dq;      /* (B, T, H*D) */
+    float *dk;      /* (B, T, KVH*D) */
+    float *dv;      /* (B, T, KVH*D) */
+    float *scratch; /* (B, H, T, T) */
+    float *memory;
+} cp_backward_buffers;
+
+cp_status cp_backward_buffers_init(cp_backward_buffers *bb, const cp_model_config *cfg, int B,
+                                   int T, cp_error *err);
+void cp_backward_buffers_free(cp_backward_buffers *bb);
+
+/* Mean cross-entropy of the forward pass in fb against targets (B, T), and
+ * its backward pass to the attached adapter's gradients, which accumulate
+ * (+=) scaled by loss_scale (1 / grad-accumulation steps). The frozen
+ * weights get no gradient. Overwrites fb->logits. Returns the mean loss. */
+double cp_model_backward(const cp_model *m, cp_forward_buffers *fb, cp_backward_buffers *bb,
+                         const int32_t *targets, float loss_scale);
 
 /* Returns 0 if every id is in [0, V), else the index of the first bad one + 1. */
 size_t cp_model_find_bad_id(const cp_model *m, const int32_t *ids, size_t n);

@@ -1,4 +1,5 @@
-/* Causal grouped-query attention with an optional sliding window. */
+/* Causal grouped-query attention with an optional sliding window, forward
+ * and backward. */
 #include "ops/attention.h"
 
 #include <math.h>
@@ -147,5 +148,94 @@ void cp_attention_decode(float *out, float *scores, const float *q, const float 
         const float *vh = v_cache + (size_t)(h / group) * D;
         attend_row(out + (size_t)h * D, scores + (size_t)h * len, q + (size_t)h * D, kh, vh,
                    first_visible(t, window), t, len, kv_stride, D, scale);
+    }
+}
+
+/* Undoes the masked softmax for query rows [t0, t1) of one head: ds holds
+ * dP = dO Vᵀ on entry and dS = P ⊙ (dP - Σ_j dP_j P_j) on return, per row
+ * over its visible keys. The rest of the block's columns [lo, t1) is zeroed,
+ * because the sgemm calls that follow read the whole block. p and ds are rows
+ * of (T, T). */
+static void softmax_backward_rows(float *ds, const float *p, int t0, int t1, int lo, int T,
+                                  int window)
+{
+    for (int t = t0; t < t1; t++) {
+        float *drow = ds + (size_t)t * T;
+        const float *prow = p + (size_t)t * T;
+        int first = first_visible(t, window);
+
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int j = first; j <= t; j++)
+            dot += drow[j] * prow[j];
+#pragma omp simd
+        for (int j = first; j <= t; j++)
+            drow[j] = prow[j] * (drow[j] - dot);
+        for (int j = lo; j < first; j++)
+            drow[j] = 0.0f;
+        for (int j = t + 1; j < t1; j++)
+            drow[j] = 0.0f;
+    }
+}
+
+/* One query head h of sequence b, by the forward's blocks of query rows:
+ * the four products of the backward, each restricted to the keys [lo, t1)
+ * that the block can see. The caller owns dk and dv rows of h's kv head. */
+static void attention_backward_head(float *dqh, float *dkh, float *dvh, float *s,
+                                    const float *doh, const float *p, const float *qh,
+                                    const float *kh, const float *vh, int T, int q_stride,
+                                    int kv_stride, int D, int window)
+{
+    float scale = 1.0f / sqrtf((float)D);
+    for (int t0 = 0; t0 < T; t0 += QUERY_BLOCK) {
+        int t1 = t0 + QUERY_BLOCK < T ? t0 + QUERY_BLOCK : T;
+        int lo = first_visible(t0, window), rows = t1 - t0, cols = t1 - lo;
+        const float *p_block = p + (size_t)t0 * T + lo;
+        float *s_block = s + (size_t)t0 * T + lo;
+        const float *do_rows = doh + (size_t)t0 * q_stride;
+
+        /* Undoes out = P V: dV += Pᵀ dO and dP = dO Vᵀ. */
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, cols, D, rows, 1.0f, p_block, T,
+                    do_rows, q_stride, 1.0f, dvh + (size_t)lo * kv_stride, kv_stride);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, cols, D, 1.0f, do_rows,
+                    q_stride, vh + (size_t)lo * kv_stride, kv_stride, 0.0f, s_block, T);
+
+        softmax_backward_rows(s, p, t0, t1, lo, T, window);
+
+        /* Undoes scores = scale · Q Kᵀ: dQ += scale · dS K, dK += scale · dSᵀ Q. */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, D, cols, scale, s_block, T,
+                    kh + (size_t)lo * kv_stride, kv_stride, 1.0f, dqh + (size_t)t0 * q_stride,
+                    q_stride);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, cols, D, rows, scale, s_block, T,
+                    qh + (size_t)t0 * q_stride, q_stride, 1.0f, dkh + (size_t)lo * kv_stride,
+                    kv_stride);
+    }
+}
+
+/* dout, dq and q are (B, T, H, D), dk, dv, k and v (B, T, KVH, D), att and
+ * scratch (B, H, T, T). Threads take whole (sequence, kv head) pairs, so the
+ * query heads that share a kv head add into its dk and dv rows one after
+ * another, never concurrently. */
+void cp_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
+                           const float *att, const float *q, const float *k, const float *v,
+                           int B, int T, int H, int KVH, int D, int window)
+{
+    int group = H / KVH;
+    int q_stride = H * D, kv_stride = KVH * D;
+    cp_blas_single_threaded();
+
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int bkv = 0; bkv < B * KVH; bkv++) {
+        int b = bkv / KVH, kvh = bkv % KVH;
+        size_t kv_off = (size_t)b * T * kv_stride + (size_t)kvh * D;
+
+        for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+            size_t q_off = (size_t)b * T * q_stride + (size_t)h * D;
+            size_t bh = (size_t)b * H + h;
+            attention_backward_head(dq + q_off, dk + kv_off, dv + kv_off,
+                                    scratch + bh * T * T, dout + q_off, att + bh * T * T,
+                                    q + q_off, k + kv_off, v + kv_off, T, q_stride, kv_stride,
+                                    D, window);
+        }
     }
 }

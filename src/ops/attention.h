@@ -23,4 +23,11 @@ void cp_attention_forward_ref(float *out, float *att, const float *q, const floa
 void cp_attention_decode(float *out, float *scores, const float *q, const float *k_cache,
                          const float *v_cache, int len, int H, int KVH, int D, int window);
 
+/* Backward of cp_attention_forward from its saved probabilities att.
+ * dout is (B, T, H, D); accumulates (+=) into dq (B, T, H, D) and dk, dv
+ * (B, T, KVH, D). scratch holds (B, H, T, T) floats. */
+void cp_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
+                           const float *att, const float *q, const float *k, const float *v,
+                           int B, int T, int H, int KVH, int D, int window);
+
 #endif

@@ -54,3 +54,76 @@ void cp_matmul_forward_ref(float *out, const float *inp, const float *weight, co
         }
     }
 }
+
+/* The range [lo, hi) of total items that OpenMP thread id of n_threads owns. */
+static void thread_range(int total, int id, int n_threads, int *lo, int *hi)
+{
+    *lo = (int)((long)total * id / n_threads);
+    *hi = (int)((long)total * (id + 1) / n_threads);
+}
+
+/* Backward of out = inp · Wᵀ + bias. dout is (N, OC), inp (N, IC), weight
+ * (OC, IC). Inside one parallel region each thread takes a block of dinp and,
+ * independently, a block of rows of dweight and of dbias, so no two threads
+ * write the same element and no barrier is needed between the three. */
+void cp_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                        const float *inp, const float *weight, int N, int IC, int OC)
+{
+    cp_blas_single_threaded();
+    int split_rows = N >= 64;
+#pragma omp parallel if ((size_t)N * IC * OC > 32768)
+    {
+        int n_threads = omp_get_num_threads(), id = omp_get_thread_num(), lo, hi;
+
+        /* Undoes out = inp · Wᵀ for inp: dinp += dout · W, by blocks of rows,
+         * or of columns when there are too few rows to share out. */
+        thread_range(split_rows ? N : IC, id, n_threads, &lo, &hi);
+        if (dinp && hi > lo && split_rows)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, IC, OC, 1.0f,
+                        dout + (size_t)lo * OC, OC, weight, IC, 1.0f, dinp + (size_t)lo * IC,
+                        IC);
+        else if (dinp && hi > lo)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, hi - lo, OC, 1.0f, dout,
+                        OC, weight + lo, IC, 1.0f, dinp + lo, IC);
+
+        /* For W: dweight[lo:hi] += dout[:, lo:hi]ᵀ · inp, over all N rows. */
+        thread_range(OC, id, n_threads, &lo, &hi);
+        if (dweight && hi > lo)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, IC, N, 1.0f, dout + lo,
+                        OC, inp, IC, 1.0f, dweight + (size_t)lo * IC, IC);
+
+        /* For the bias added to every row: its column sums. */
+        if (dbias)
+            for (int n = 0; n < N; n++)
+                for (int o = lo; o < hi; o++)
+                    dbias[o] += dout[(size_t)n * OC + o];
+    }
+}
+
+void cp_matmul_backward_ref(float *dinp, float *dweight, float *dbias, const float *dout,
+                            const float *inp, const float *weight, int N, int IC, int OC)
+{
+    if (dinp)
+        for (int n = 0; n < N; n++)
+            for (int i = 0; i < IC; i++) {
+                double sum = 0.0;
+                for (int o = 0; o < OC; o++)
+                    sum += (double)dout[(size_t)n * OC + o] * weight[(size_t)o * IC + i];
+                dinp[(size_t)n * IC + i] += (float)sum;
+            }
+    if (dweight)
+        for (int o = 0; o < OC; o++)
+            for (int i = 0; i < IC; i++) {
+                double sum = 0.0;
+                for (int n = 0; n < N; n++)
+                    sum += (double)dout[(size_t)n * OC + o] * inp[(size_t)n * IC + i];
+                dweight[(size_t)o * IC + i] += (float)sum;
+            }
+    if (dbias)
+        for (int o = 0; o < OC; o++) {
+            double sum = 0.0;
+            for (int n = 0; n < N; n++)
+                sum += dout[(size_t)n * OC + o];
+            dbias[o] += (float)sum;
+        }
+}

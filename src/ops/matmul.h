@@ -16,4 +16,13 @@ void cp_matmul_forward(float *out, const float *inp, const float *weight, const 
 void cp_matmul_forward_ref(float *out, const float *inp, const float *weight, const float *bias,
                            int N, int IC, int OC);
 
+/* Backward of cp_matmul_forward. Accumulates (+=) into each gradient that is
+ * not NULL: dinp (N, IC) += dout · W, dweight (OC, IC) += doutᵀ · inp,
+ * dbias (OC) += column sums of dout. A frozen weight passes dweight NULL, so
+ * no weight gradient is computed for it. */
+void cp_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                        const float *inp, const float *weight, int N, int IC, int OC);
+void cp_matmul_backward_ref(float *dinp, float *dweight, float *dbias, const float *dout,
+                            const float *inp, const float *weight, int N, int IC, int OC);
+
 #endif

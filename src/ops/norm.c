@@ -1,8 +1,10 @@
-/* RMSNorm forward. */
+/* RMSNorm forward and backward. */
 #include "ops/norm.h"
 
 #include <math.h>
 #include <stddef.h>
+
+#include <omp.h>
 
 void cp_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N,
                         int C, float eps)
@@ -19,5 +21,47 @@ void cp_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *
             y[i] = x[i] * r * weight[i];
         if (rstd)
             rstd[n] = r;
+    }
+}
+
+/* dinp and dout are (N, C). Undoes y[i] = x[i] * r * weight[i] with
+ * r = (mean(x²) + eps)^(-1/2) the saved rstd:
+ * dr/dx_i = -r³ x_i / C, so
+ *   dx_i = r w_i dy_i - x_i r³ mean(x ⊙ w ⊙ dy),
+ *   dw_i = Σ_n dy_i x_i r.
+ * Rows are independent for dinp; dweight sums over rows, so its columns are
+ * split between threads instead, each thread walking every row. */
+void cp_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                         const float *weight, const float *rstd, int N, int C)
+{
+#pragma omp parallel if ((size_t)N * C > 16384)
+    {
+#pragma omp for nowait
+        for (int n = 0; n < N; n++) {
+            const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
+            float *dx = dinp + (size_t)n * C;
+            float r = rstd[n];
+            double dot = 0.0;
+            for (int i = 0; i < C; i++)
+                dot += (double)x[i] * weight[i] * dy[i];
+            float coef = (float)(dot / C) * r * r * r;
+            for (int i = 0; i < C; i++)
+                dx[i] += r * weight[i] * dy[i] - x[i] * coef;
+        }
+
+        /* dweight in blocks of 16 columns, one 64-byte cache line when
+         * dweight is aligned, so that threads do not write the same line. */
+        if (dweight) {
+            int n_threads = omp_get_num_threads(), id = omp_get_thread_num();
+            int lines = (C + 15) / 16;
+            int lo = 16 * (lines * id / n_threads), hi = 16 * (lines * (id + 1) / n_threads);
+            hi = hi < C ? hi : C;
+            for (int n = 0; n < N; n++) {
+                const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
+                float r = rstd[n];
+                for (int i = lo; i < hi; i++)
+                    dweight[i] += dy[i] * x[i] * r;
+            }
+        }
     }
 }

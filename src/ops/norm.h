@@ -7,4 +7,9 @@
 void cp_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N,
                         int C, float eps);
 
+/* Backward of cp_rmsnorm_forward, from the saved rstd. Accumulates (+=)
+ * into dinp (N, C) and, unless NULL, dweight (C). */
+void cp_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                         const float *weight, const float *rstd, int N, int C);
+
 #endif

@@ -1,5 +1,5 @@
-/* Rotary position embeddings: frequencies (with linear and llama3 scaling)
- * and the rotation itself. */
+/* Rotary position embeddings: frequencies (with linear and llama3 scaling),
+ * the rotation itself and its backward. */
 #include "ops/rope.h"
 
 #include <math.h>
@@ -52,6 +52,29 @@ void cp_rope_forward(float *x, const int *pos, int N, int n_heads, int head_dim,
                 float a = head[i], b = head[i + half];
                 head[i] = a * c - b * s;
                 head[i + half] = b * c + a * s;
+            }
+        }
+    }
+}
+
+/* dx is (N, n_heads, head_dim). The forward's
+ *   head[i] = a c - b s,  head[i + half] = b c + a s
+ * is a rotation by +angle, so its transpose, a rotation by -angle, carries
+ * the gradient back: da = da' c + db' s, db = db' c - da' s. */
+void cp_rope_backward(float *dx, const int *pos, int N, int n_heads, int head_dim,
+                      const float *inv_freq)
+{
+    int half = head_dim / 2;
+#pragma omp parallel for if (N > 16)
+    for (int n = 0; n < N; n++) {
+        for (int i = 0; i < half; i++) {
+            float angle = (float)pos[n] * inv_freq[i];
+            float c = cosf(angle), s = sinf(angle);
+            for (int h = 0; h < n_heads; h++) {
+                float *head = dx + ((size_t)n * n_heads + h) * head_dim;
+                float da = head[i], db = head[i + half];
+                head[i] = da * c + db * s;
+                head[i + half] = db * c - da * s;
             }
         }
     }

@@ -15,4 +15,9 @@ void cp_rope_inv_freq(float *inv_freq, const cp_model_config *cfg);
 void cp_rope_forward(float *x, const int *pos, int N, int n_heads, int head_dim,
                      const float *inv_freq);
 
+/* Backward of cp_rope_forward: the rotation is orthogonal, so the gradient
+ * dx (N, n_heads, head_dim) is rotated back by -angle, in place. */
+void cp_rope_backward(float *dx, const int *pos, int N, int n_heads, int head_dim,
+                      const float *inv_freq);
+
 #endif

@@ -1,0 +1,133 @@
+/* cpeft train: fine-tune a model with LoRA and write a PEFT-format run folder. */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "core/error.h"
+#include "train/trainer.h"
+
+typedef struct progress_state {
+    int quiet;
+    int tty;
+} progress_state;
+
+static void format_eta(char *buf, size_t size, double seconds)
+{
+    int s = (int)(seconds + 0.5);
+    if (s >= 3600)
+        snprintf(buf, size, "%dh%02dm", s / 3600, s / 60 % 60);
+    else
+        snprintf(buf, size, "%dm%02ds", s / 60, s % 60);
+}
+
+/* A progress line on stderr: redrawn in place on a terminal, otherwise
+ * about twenty lines per run. */
+static void print_progress(const cp_train_progress *p, void *ctx)
+{
+    const progress_state *ps = ctx;
+    if (ps->quiet)
+        return;
+    if (p->step == 0) {
+        if (p->eval_loss >= 0)
+            fprintf(stderr, "step 0/%d  eval_loss %.4f\n", p->total_steps, p->eval_loss);
+        return;
+    }
+    int every = p->total_steps >= 20 ? p->total_steps / 20 : 1;
+    int show = ps->tty || p->step % every == 0 || p->step == p->total_steps;
+    if (show) {
+        char eta[32];
+        format_eta(eta, sizeof eta, p->eta_s);
+        fprintf(stderr, "%sstep %d/%d  loss %.4f  lr %.3g  grad_norm %.3f  %.0f tok/s  ETA %s%s",
+                ps->tty ? "\r" : "", p->step, p->total_steps, p->loss, p->lr, p->grad_norm,
+                p->tokens_per_s, eta, ps->tty ? "\033[K" : "\n");
+    }
+    if (p->eval_loss >= 0)
+        fprintf(stderr, "%sstep %d/%d  eval_loss %.4f\n", ps->tty ? "\n" : "", p->step,
+                p->total_steps, p->eval_loss);
+}
+
+static int run(const cp_train_params *p, int quiet)
+{
+    cp_error err = {0};
+    cp_train_result res;
+    progress_state ps = {.quiet = quiet, .tty = isatty(fileno(stderr))};
+    cp_status st = cp_train_run(p, print_progress, &ps, &res, &err);
+    if (st != CP_OK)
+        return cli_report(&err);
+    printf("trainable parameters: %zu (%.3f%% of %zu)\n", res.trainable_params,
+           100.0 * res.trainable_params / res.base_params, res.base_params);
+    if (res.eval_loss_before >= 0 && res.eval_loss_after >= 0)
+        printf("eval loss: %.4f -> %.4f (%+.1f%%)\n", res.eval_loss_before, res.eval_loss_after,
+               100.0 * (res.eval_loss_after / res.eval_loss_before - 1.0));
+    printf("adapter written to %s\n", p->out_dir);
+    return 0;
+}
+
+int cmd_train(int argc, char **argv)
+{
+    cp_train_params p = cp_train_default_params();
+    const char *method = "lora", *target = "q_proj,v_proj", *schedule = "cosine";
+    int rslora = 0, quiet = 0, warmup_steps = 0;
+    float lr = 2e-4f, weight_decay = 0.0f, warmup_ratio = 0.0f, max_grad_norm = 1.0f;
+    float eval_split = 0.05f;
+    const cli_option options[] = {
+        {"model", CLI_STRING, &p.model_dir, "DIR", "Hugging Face model folder (required)"},
+        {"data", CLI_STRING, &p.data_path, "FILE", "training text: .txt, or .jsonl with a \"text\" field (required)"},
+        {"eval-data", CLI_STRING, &p.eval_path, "FILE", "held-out text (default: the last --eval-split of --data)"},
+        {"out", CLI_STRING, &p.out_dir, "DIR", "run folder to write (required)"},
+        {"method", CLI_STRING, &method, "NAME", "fine-tuning method: lora (low-rank adapters on the projections)"},
+        {"r", CLI_INT, &p.lora.r, "N", "LoRA rank (default 8)"},
+        {"alpha", CLI_FLOAT, &p.lora.alpha, "A", "LoRA alpha; the update is scaled by alpha/r (default 16)"},
+        {"rslora", CLI_FLAG, &rslora, NULL, "scale by alpha/sqrt(r) instead (rank-stabilized LoRA)"},
+        {"lora-dropout", CLI_FLOAT, &p.lora.dropout, "P", "dropout on the LoRA input (default 0)"},
+        {"target", CLI_STRING, &target, "LIST", "projections to adapt: comma-separated names or all-linear (default q_proj,v_proj)"},
+        {"steps", CLI_INT, &p.steps, "N", "optimizer steps (default 100)"},
+        {"batch-size", CLI_INT, &p.batch_size, "B", "windows per micro-batch (default 8)"},
+        {"seq-len", CLI_INT, &p.seq_len, "T", "tokens per window (default 128)"},
+        {"grad-accum", CLI_INT, &p.grad_accum, "K", "micro-batches per optimizer step (default 1)"},
+        {"lr", CLI_FLOAT, &lr, "LR", "peak learning rate (default 2e-4)"},
+        {"weight-decay", CLI_FLOAT, &weight_decay, "W", "AdamW decoupled weight decay (default 0)"},
+        {"warmup-ratio", CLI_FLOAT, &warmup_ratio, "F", "fraction of the steps spent warming up linearly (default 0)"},
+        {"warmup-steps", CLI_INT, &warmup_steps, "N", "warmup steps; overrides --warmup-ratio"},
+        {"schedule", CLI_STRING, &schedule, "NAME", "learning-rate decay after warmup: cosine, linear or constant (default cosine)"},
+        {"max-grad-norm", CLI_FLOAT, &max_grad_norm, "G", "clip the global gradient norm to G; 0 disables (default 1)"},
+        {"eval-split", CLI_FLOAT, &eval_split, "F", "held-out fraction of --data without --eval-data (default 0.05)"},
+        {"eval-every", CLI_INT, &p.eval_every, "N", "evaluate every N steps; 0: only before and after (default 0)"},
+        {"seed", CLI_U64, &p.seed, "S", "seed of the data order and the LoRA initialization (default 42)"},
+        {"quiet", CLI_FLAG, &quiet, NULL, "no progress line on stderr"},
+    };
+    const cli_command cmd = {
+        .name = "train",
+        .usage = "--model DIR --data FILE --out DIR [options]",
+        .about = "Fine-tunes the model with LoRA on the text in FILE. Writes DIR/adapter_config.json\n"
+                 "and DIR/adapter_model.safetensors in PEFT's layout, and DIR/metrics.jsonl with\n"
+                 "one JSON object per step (step, loss, lr, grad_norm, tokens_per_s) and per\n"
+                 "evaluation (step, eval_loss). DIR appears only when training succeeds.",
+        .options = options,
+        .n_options = sizeof options / sizeof *options,
+    };
+    int rc = cli_parse(&cmd, argc, argv, NULL);
+    if (rc != CLI_PARSED)
+        return rc == CLI_HELP_SHOWN ? 0 : 2;
+    if (!p.model_dir || !p.data_path || !p.out_dir)
+        return cli_usage_error(&cmd, "--model, --data and --out are required");
+    if (strcmp(method, "lora") != 0)
+        return cli_usage_error(&cmd, "unknown --method \"%s\"; available: lora", method);
+
+    cp_error err = {0};
+    p.lora.use_rslora = rslora;
+    p.lora.seed = p.seed;
+    p.lr = lr;
+    p.weight_decay = weight_decay;
+    p.warmup_ratio = warmup_ratio;
+    p.warmup_steps = warmup_steps;
+    p.max_grad_norm = max_grad_norm;
+    p.eval_split = eval_split;
+    if (cp_proj_parse_list(target, &p.lora.targets, &err) != CP_OK ||
+        cp_schedule_parse(schedule, &p.schedule, &err) != CP_OK)
+        return cli_usage_error(&cmd, "%s", err.msg);
+    return run(&p, quiet);
+}

@@ -1,0 +1,167 @@
+/*
+ * The backward pass of the decoder, from the mean cross-entropy to the
+ * attached adapter's gradients. Gradients flow through the frozen weights to
+ * the activations only: no weight gradient is computed or stored for them.
+ * It reads the activations a forward pass saved with save_all_layers.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/model.h"
+#include "ops/activation.h"
+#include "ops/attention.h"
+#include "ops/cross_entropy.h"
+#include "ops/matmul.h"
+#include "ops/norm.h"
+#include "ops/rope.h"
+#include "peft/lora.h"
+
+cp_status cp_backward_buffers_init(cp_backward_buffers *bb, const cp_model_config *cfg, int B,
+                                   int T, cp_error *err)
+{
+    memset(bb, 0, sizeof *bb);
+    size_t BT = (size_t)B * T, C = cfg->hidden_size, F = cfg->intermediate_size;
+    size_t qd = (size_t)cfg->n_heads * cfg->head_dim;
+    size_t kvd = (size_t)cfg->n_kv_heads * cfg->head_dim;
+    size_t wide = F > qd ? F : qd;
+    struct {
+        float **field;
+        size_t count;
+    } table[] = {
+        {&bb->dres, BT * C},   {&bb->dnorm, BT * C}, {&bb->dbig1, BT * wide},
+        {&bb->dbig2, BT * F},  {&bb->dbig3, BT * F}, {&bb->dq, BT * qd},
+        {&bb->dk, BT * kvd},   {&bb->dv, BT * kvd},
+        {&bb->scratch, (size_t)B * cfg->n_heads * T * T},
+    };
+    size_t n_fields = sizeof table / sizeof *table, total = 0;
+    for (size_t i = 0; i < n_fields; i++)
+        total += table[i].count;
+    bb->memory = malloc(total * sizeof(float));
+    if (!bb->memory)
+        return cp_error_nomem(err, "gradient buffers", total * sizeof(float));
+    float *p = bb->memory;
+    for (size_t i = 0; i < n_fields; i++) {
+        *table[i].field = p;
+        p += table[i].count;
+    }
+    return CP_OK;
+}
+
+void cp_backward_buffers_free(cp_backward_buffers *bb)
+{
+    free(bb->memory);
+    memset(bb, 0, sizeof *bb);
+}
+
+/* Backward of cp_model_project: dx (N, in) += dout Wᵀ-path, plus the adapter's
+ * own gradients. The frozen W gets none (dweight NULL). */
+static void project_backward(const cp_model *m, int l, cp_proj p, float *dx, const float *dout,
+                             const float *x, int N)
+{
+    const cp_layer_weights *w = &m->layers[l];
+    const float *weights[CP_PROJ_COUNT] = {w->wq, w->wk, w->wv, w->wo,
+                                           w->w_gate, w->w_up, w->w_down};
+    int in, out;
+    cp_proj_shape(&m->cfg, p, &in, &out);
+    cp_matmul_backward(dx, NULL, NULL, dout, x, weights[p], N, in, out);
+    if (m->lora)
+        cp_lora_backward(m->lora, l, p, dx, dout, x, N);
+}
+
+/* Pointers to layer l's saved activations (the slice layout of forward.c). */
+typedef struct saved_layer {
+    const float *residual, *norm1, *rstd1, *q, *k, *v, *att, *attn_out;
+    const float *mid, *norm2, *rstd2, *gate, *up, *swiglu;
+} saved_layer;
+
+static saved_layer saved_at(const cp_forward_buffers *fb, const cp_model_config *c, int l)
+{
+    size_t BT = (size_t)fb->B * fb->T, C = c->hidden_size, F = c->intermediate_size;
+    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    size_t att = (size_t)fb->B * c->n_heads * fb->T * fb->T;
+    return (saved_layer){
+        .residual = fb->residual + l * BT * C, .norm1 = fb->norm1 + l * BT * C,
+        .rstd1 = fb->rstd1 + l * BT,           .q = fb->q + l * BT * qd,
+        .k = fb->k + l * BT * kvd,             .v = fb->v + l * BT * kvd,
+        .att = fb->att + l * att,              .attn_out = fb->attn_out + l * BT * qd,
+        .mid = fb->mid + l * BT * C,           .norm2 = fb->norm2 + l * BT * C,
+        .rstd2 = fb->rstd2 + l * BT,           .gate = fb->gate + l * BT * F,
+        .up = fb->up + l * BT * F,             .swiglu = fb->swiglu + l * BT * F,
+    };
+}
+
+/* Layer l backward: bb->dres holds d(layer output) on entry and d(layer
+ * input) on return. */
+static void layer_backward(const cp_model *m, const cp_forward_buffers *fb,
+                           cp_backward_buffers *bb, int l)
+{
+    const cp_model_config *c = &m->cfg;
+    const cp_layer_weights *w = &m->layers[l];
+    saved_layer a = saved_at(fb, c, (size_t)l);
+    int B = fb->B, T = fb->T, N = B * T, C = c->hidden_size, F = c->intermediate_size;
+    int H = c->n_heads, KVH = c->n_kv_heads, D = c->head_dim;
+    size_t NC = (size_t)N * C;
+
+    /* MLP block: x_out = mid + down(swiglu(gate(n2), up(n2))), n2 = norm2(mid). */
+    float *dswiglu = bb->dbig1, *dgate = bb->dbig2, *dup = bb->dbig3;
+    memset(dswiglu, 0, (size_t)N * F * sizeof(float));
+    project_backward(m, l, CP_PROJ_DOWN, dswiglu, bb->dres, a.swiglu, N);
+    memset(dgate, 0, (size_t)N * F * sizeof(float));
+    memset(dup, 0, (size_t)N * F * sizeof(float));
+    cp_swiglu_backward(dgate, dup, dswiglu, a.gate, a.up, (size_t)N * F);
+    memset(bb->dnorm, 0, NC * sizeof(float));
+    project_backward(m, l, CP_PROJ_GATE, bb->dnorm, dgate, a.norm2, N);
+    project_backward(m, l, CP_PROJ_UP, bb->dnorm, dup, a.norm2, N);
+    cp_rmsnorm_backward(bb->dres, NULL, bb->dnorm, a.mid, w->mlp_norm, a.rstd2, N, C);
+
+    /* Attention block: mid = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm1(x). */
+    float *dattn = bb->dbig1;
+    memset(dattn, 0, (size_t)N * H * D * sizeof(float));
+    project_backward(m, l, CP_PROJ_O, dattn, bb->dres, a.attn_out, N);
+    memset(bb->dq, 0, (size_t)N * H * D * sizeof(float));
+    memset(bb->dk, 0, (size_t)N * KVH * D * sizeof(float));
+    memset(bb->dv, 0, (size_t)N * KVH * D * sizeof(float));
+    cp_attention_backward(bb->dq, bb->dk, bb->dv, bb->scratch, dattn, a.att, a.q, a.k, a.v, B, T,
+                          H, KVH, D, c->sliding_window);
+    cp_rope_backward(bb->dq, fb->pos, N, H, D, m->inv_freq);
+    cp_rope_backward(bb->dk, fb->pos, N, KVH, D, m->inv_freq);
+    memset(bb->dnorm, 0, NC * sizeof(float));
+    project_backward(m, l, CP_PROJ_Q, bb->dnorm, bb->dq, a.norm1, N);
+    project_backward(m, l, CP_PROJ_K, bb->dnorm, bb->dk, a.norm1, N);
+    project_backward(m, l, CP_PROJ_V, bb->dnorm, bb->dv, a.norm1, N);
+    cp_rmsnorm_backward(bb->dres, NULL, bb->dnorm, a.residual, w->attn_norm, a.rstd1, N, C);
+}
+
+double cp_model_backward(const cp_model *m, cp_forward_buffers *fb, cp_backward_buffers *bb,
+                         const int32_t *targets, float loss_scale)
+{
+    const cp_model_config *c = &m->cfg;
+    int N = fb->B * fb->T, C = c->hidden_size, V = c->vocab_size;
+    CP_ASSERT(fb->n_saved_layers == c->n_layers);
+
+    /* Loss, then dlogits in place of the logits. */
+    float *losses = bb->dnorm; /* N floats, free until the final norm's backward */
+    cp_cross_entropy_forward(losses, fb->logits, targets, N, V);
+    double total = 0.0;
+    int counted = 0;
+    for (int n = 0; n < N; n++)
+        if (targets[n] >= 0) {
+            total += losses[n];
+            counted++;
+        }
+    float *dloss = bb->dbig1; /* N floats */
+    for (int n = 0; n < N; n++)
+        dloss[n] = counted ? loss_scale / (float)counted : 0.0f;
+    cp_cross_entropy_backward(fb->logits, fb->logits, targets, dloss, N, V);
+
+    /* Head and final norm: logits = norm_f(final) · lm_headᵀ. */
+    memset(bb->dnorm, 0, (size_t)N * C * sizeof(float));
+    cp_matmul_backward(bb->dnorm, NULL, NULL, fb->logits, fb->norm_f, m->lm_head, N, C, V);
+    memset(bb->dres, 0, (size_t)N * C * sizeof(float));
+    cp_rmsnorm_backward(bb->dres, NULL, bb->dnorm, fb->final, m->final_norm, fb->rstd_f, N, C);
+
+    for (int l = c->n_layers - 1; l >= 0; l--)
+        layer_backward(m, fb, bb, l);
+    /* The embedding is frozen: the gradient stops at the first residual. */
+    return counted ? total / counted : 0.0;
+}

@@ -1,0 +1,313 @@
+/* LoRA adapters in PEFT's adapter_config.json + adapter_model.safetensors. */
+#include "peft/lora_io.h"
+
+#include <cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/file.h"
+#include "io/safetensors.h"
+
+void cp_lora_tensor_name(char *buf, size_t size, int layer, cp_proj p, char which)
+{
+    snprintf(buf, size, "base_model.model.model.layers.%d.%s.lora_%c.weight", layer,
+             cp_proj_path(p), which);
+}
+
+/* The double nearest the float's shortest decimal form, so that 0.05f is
+ * written as 0.05 and not 0.05000000074505806. */
+static double shortest(float f)
+{
+    char buf[32];
+    snprintf(buf, sizeof buf, "%.9g", f);
+    for (int digits = 1; digits <= 9; digits++) {
+        snprintf(buf, sizeof buf, "%.*g", digits, f);
+        if (strtof(buf, NULL) == f)
+            break;
+    }
+    return strtod(buf, NULL);
+}
+
+/* The config keys PEFT has written for a long time, so that old and new
+ * PEFT versions both load the file. */
+static cJSON *build_config(const cp_lora *lora, const char *base_model)
+{
+    const cp_lora_params *p = &lora->params;
+    cJSON *root = cJSON_CreateObject(), *targets = cJSON_CreateArray();
+    if (!root || !targets) {
+        cJSON_Delete(root);
+        cJSON_Delete(targets);
+        return NULL;
+    }
+    for (int i = 0; i < CP_PROJ_COUNT; i++)
+        if (p->targets & (1u << i))
+            cJSON_AddItemToArray(targets, cJSON_CreateString(cp_proj_name((cp_proj)i)));
+
+    cJSON_AddStringToObject(root, "base_model_name_or_path", base_model);
+    cJSON_AddStringToObject(root, "bias", "none");
+    cJSON_AddBoolToObject(root, "fan_in_fan_out", 0);
+    cJSON_AddBoolToObject(root, "inference_mode", 1);
+    cJSON_AddBoolToObject(root, "init_lora_weights", 1);
+    cJSON_AddNullToObject(root, "layers_pattern");
+    cJSON_AddNullToObject(root, "layers_to_transform");
+    cJSON_AddNumberToObject(root, "lora_alpha", shortest(p->alpha));
+    cJSON_AddNumberToObject(root, "lora_dropout", shortest(p->dropout));
+    cJSON_AddNullToObject(root, "modules_to_save");
+    cJSON_AddStringToObject(root, "peft_type", "LORA");
+    cJSON_AddNumberToObject(root, "r", p->r);
+    cJSON_AddNullToObject(root, "revision");
+    cJSON_AddItemToObject(root, "target_modules", targets);
+    cJSON_AddStringToObject(root, "task_type", "CAUSAL_LM");
+    cJSON_AddBoolToObject(root, "use_rslora", p->use_rslora);
+    return root;
+}
+
+cp_status cp_lora_save(const cp_lora *lora, const char *dir, const char *base_model,
+                       cp_error *err)
+{
+    /* Tensors: every slot's A and B in float32, named as PEFT names them. */
+    size_t n = 0, cap = (size_t)lora->n_layers * CP_PROJ_COUNT * 2;
+    cp_st_tensor *tensors = calloc(cap ? cap : 1, sizeof *tensors);
+    char (*names)[128] = calloc(cap ? cap : 1, sizeof *names);
+    cp_status st = CP_OK;
+    if (!tensors || !names)
+        st = cp_error_nomem(err, "the adapter file", cap * 128);
+    for (int l = 0; st == CP_OK && l < lora->n_layers; l++) {
+        for (int p = 0; p < CP_PROJ_COUNT; p++) {
+            const cp_lora_slot *s = cp_lora_slot_at(lora, l, (cp_proj)p);
+            if (!s->A)
+                continue;
+            for (int which = 0; which < 2; which++, n++) {
+                cp_lora_tensor_name(names[n], sizeof names[n], l, (cp_proj)p, "AB"[which]);
+                cp_st_tensor *t = &tensors[n];
+                t->name = names[n];
+                t->dtype = CP_DTYPE_F32;
+                t->ndim = 2;
+                t->shape[0] = which ? s->out : lora->params.r;
+                t->shape[1] = which ? lora->params.r : s->in;
+                t->data = which ? s->B : s->A;
+                t->nbytes = (size_t)t->shape[0] * t->shape[1] * sizeof(float);
+            }
+        }
+    }
+
+    char *weights_path = cp_path_join(dir, "adapter_model.safetensors");
+    char *config_path = cp_path_join(dir, "adapter_config.json");
+    if (st == CP_OK && (!weights_path || !config_path))
+        st = cp_error_nomem(err, "a path", 0);
+    const cp_st_metadata meta[] = {{"format", "pt"}};
+    if (st == CP_OK)
+        st = cp_safetensors_write(weights_path, tensors, n, meta, 1, err);
+
+    cJSON *config = st == CP_OK ? build_config(lora, base_model) : NULL;
+    char *text = config ? cJSON_Print(config) : NULL;
+    if (st == CP_OK && !text)
+        st = cp_error_nomem(err, "adapter_config.json", 0);
+    if (st == CP_OK) {
+        size_t len = strlen(text);
+        text[len] = '\n'; /* replaces the NUL: the file ends with a newline */
+        st = cp_file_write_atomic(config_path, text, len + 1, err);
+        text[len] = '\0';
+    }
+
+    free(text);
+    cJSON_Delete(config);
+    free(weights_path);
+    free(config_path);
+    free(names);
+    free(tensors);
+    return st;
+}
+
+/* Rejects a config key whose value changes the math in a way cpeft does not
+ * implement. "Empty" means null, false, "none", {} or []. */
+static cp_status reject_if_set(const cJSON *root, const char *key, const char *path,
+                               cp_error *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    int empty = !v || cJSON_IsNull(v) || cJSON_IsFalse(v) ||
+                (cJSON_IsString(v) && strcmp(v->valuestring, "none") == 0) ||
+                ((cJSON_IsObject(v) || cJSON_IsArray(v)) && cJSON_GetArraySize(v) == 0);
+    if (empty)
+        return CP_OK;
+    return cp_error_set(err, CP_ERR_INPUT, "%s: \"%s\" is set, which cpeft does not support yet",
+                        path, key);
+}
+
+static cp_status parse_targets(const cJSON *item, unsigned *mask, const char *path,
+                               cp_error *err)
+{
+    cp_status st;
+    if (cJSON_IsString(item)) {
+        st = cp_proj_parse_list(item->valuestring, mask, err);
+        return st ? cp_error_prefix(err, "%s: target_modules", path) : CP_OK;
+    }
+    if (!cJSON_IsArray(item) || cJSON_GetArraySize(item) == 0)
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: target_modules must be a non-empty list of module names", path);
+    *mask = 0;
+    const cJSON *el;
+    cJSON_ArrayForEach(el, item)
+    {
+        unsigned one = 0;
+        if (!cJSON_IsString(el))
+            return cp_error_set(err, CP_ERR_INPUT, "%s: target_modules must list strings", path);
+        if ((st = cp_proj_parse_list(el->valuestring, &one, err)))
+            return cp_error_prefix(err, "%s: target_modules", path);
+        *mask |= one;
+    }
+    return CP_OK;
+}
+
+/* Fills p from adapter_config.json's text. */
+static cp_status parse_config(const char *text, const char *path, cp_lora_params *p,
+                              cp_error *err)
+{
+    cJSON *root = cJSON_Parse(text);
+    if (!cJSON_IsObject(root)) {
+        const char *where = root ? text : cJSON_GetErrorPtr();
+        cJSON_Delete(root);
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: byte %ld: invalid JSON; expected a PEFT adapter_config.json", path,
+                            where ? (long)(where - text) : 0L);
+    }
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(root, "peft_type");
+    const cJSON *r = cJSON_GetObjectItemCaseSensitive(root, "r");
+    const cJSON *alpha = cJSON_GetObjectItemCaseSensitive(root, "lora_alpha");
+    const cJSON *dropout = cJSON_GetObjectItemCaseSensitive(root, "lora_dropout");
+    const cJSON *task = cJSON_GetObjectItemCaseSensitive(root, "task_type");
+    cp_status st = CP_OK;
+
+    if (!cJSON_IsString(type) || strcmp(type->valuestring, "LORA") != 0)
+        st = cp_error_set(err, CP_ERR_INPUT, "%s: peft_type must be \"LORA\", found %s", path,
+                          cJSON_IsString(type) ? type->valuestring : "none");
+    else if (!cJSON_IsNumber(r) || r->valuedouble != floor(r->valuedouble) || r->valueint <= 0)
+        st = cp_error_set(err, CP_ERR_INPUT, "%s: missing or invalid \"r\" (a positive integer)",
+                          path);
+    else if (!cJSON_IsNumber(alpha) || !(alpha->valuedouble > 0))
+        st = cp_error_set(err, CP_ERR_INPUT, "%s: missing or invalid \"lora_alpha\"", path);
+    else if (task && !cJSON_IsNull(task) &&
+             (!cJSON_IsString(task) || strcmp(task->valuestring, "CAUSAL_LM") != 0))
+        st = cp_error_set(err, CP_ERR_INPUT,
+                          "%s: task_type %s is not supported; cpeft applies CAUSAL_LM adapters",
+                          path, cJSON_IsString(task) ? task->valuestring : "(not a string)");
+    static const char *const unsupported[] = {
+        "use_dora", "modules_to_save", "layers_to_transform", "rank_pattern",
+        "alpha_pattern", "fan_in_fan_out", "layer_replication", "lora_bias"};
+    for (size_t i = 0; st == CP_OK && i < sizeof unsupported / sizeof *unsupported; i++)
+        st = reject_if_set(root, unsupported[i], path, err);
+    if (st == CP_OK)
+        st = reject_if_set(root, "bias", path, err);
+    if (st == CP_OK)
+        st = parse_targets(cJSON_GetObjectItemCaseSensitive(root, "target_modules"), &p->targets,
+                           path, err);
+    if (st == CP_OK) {
+        p->r = r->valueint;
+        p->alpha = (float)alpha->valuedouble;
+        p->dropout = cJSON_IsNumber(dropout) ? (float)dropout->valuedouble : 0.0f;
+        p->use_rslora = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(root, "use_rslora"));
+    }
+    cJSON_Delete(root);
+    return st;
+}
+
+/* Copies one stored tensor into dst after checking its shape. */
+static cp_status load_tensor(const cp_safetensors *st_file, const char *name, int64_t rows,
+                             int64_t cols, float *dst, const char *path, cp_error *err)
+{
+    const cp_st_tensor *t = cp_safetensors_find(st_file, name);
+    if (!t)
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: missing tensor \"%s\" that adapter_config.json implies", path,
+                            name);
+    if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != cols)
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: tensor \"%s\" has shape [%lld, %lld], expected [%lld, %lld] for "
+                            "this base model and r; the adapter was made for another model",
+                            path, name, (long long)t->shape[0],
+                            (long long)(t->ndim > 1 ? t->shape[1] : 0), (long long)rows,
+                            (long long)cols);
+    size_t n = (size_t)rows * cols, esize = cp_dtype_size(t->dtype);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t raw = 0;
+        memcpy(&raw, (const uint8_t *)t->data + i * esize, esize);
+        cp_dtype_to_f32(t->dtype, &raw, dst + i, 1);
+    }
+    return CP_OK;
+}
+
+/* Fills every slot from the file and rejects tensors no slot claims. */
+static cp_status load_tensors(cp_lora *lora, const cp_safetensors *file, const char *path,
+                              cp_error *err)
+{
+    char name[160];
+    size_t claimed = 0;
+    cp_status st = CP_OK;
+    for (int l = 0; st == CP_OK && l < lora->n_layers; l++) {
+        for (int p = 0; st == CP_OK && p < CP_PROJ_COUNT; p++) {
+            cp_lora_slot *s = cp_lora_slot_at(lora, l, (cp_proj)p);
+            if (!s->A)
+                continue;
+            cp_lora_tensor_name(name, sizeof name, l, (cp_proj)p, 'A');
+            st = load_tensor(file, name, lora->params.r, s->in, s->A, path, err);
+            cp_lora_tensor_name(name, sizeof name, l, (cp_proj)p, 'B');
+            if (st == CP_OK)
+                st = load_tensor(file, name, s->out, lora->params.r, s->B, path, err);
+            claimed += 2;
+        }
+    }
+    if (st == CP_OK && claimed != cp_safetensors_count(file)) {
+        /* Name the first tensor that belongs to no slot. */
+        for (size_t i = 0; i < cp_safetensors_count(file); i++) {
+            const char *found = cp_safetensors_at(file, i)->name;
+            int known = 0;
+            for (int l = 0; !known && l < lora->n_layers; l++)
+                for (int p = 0; !known && p < CP_PROJ_COUNT; p++)
+                    for (int w = 0; !known && w < 2; w++) {
+                        cp_lora_tensor_name(name, sizeof name, l, (cp_proj)p, "AB"[w]);
+                        known = strcmp(name, found) == 0 && cp_lora_slot_at(lora, l, (cp_proj)p)->A;
+                    }
+            if (!known)
+                return cp_error_set(err, CP_ERR_INPUT,
+                                    "%s: unexpected tensor \"%s\"; the adapter does not match "
+                                    "this base model or its adapter_config.json",
+                                    path, found);
+        }
+    }
+    return st;
+}
+
+cp_status cp_lora_load(cp_lora *lora, const char *dir, const cp_model_config *cfg,
+                       cp_error *err)
+{
+    memset(lora, 0, sizeof *lora);
+    char *config_path = cp_path_join(dir, "adapter_config.json");
+    char *weights_path = cp_path_join(dir, "adapter_model.safetensors");
+    char *text = NULL;
+    cp_safetensors *file = NULL;
+    cp_lora_params p = cp_lora_default_params();
+    cp_status st = config_path && weights_path ? CP_OK : cp_error_nomem(err, "a path", 0);
+
+    if (st == CP_OK)
+        st = cp_file_read(config_path, &text, NULL, err);
+    if (st == CP_OK)
+        st = parse_config(text, config_path, &p, err);
+    if (st == CP_OK) {
+        p.dropout = 0.0f; /* dropout only matters for training */
+        st = cp_lora_init(lora, cfg, &p, err);
+    }
+    if (st == CP_OK)
+        st = cp_safetensors_open(weights_path, &file, err);
+    if (st == CP_OK)
+        st = load_tensors(lora, file, weights_path, err);
+    if (st != CP_OK)
+        cp_lora_free(lora);
+
+    cp_safetensors_close(file);
+    free(text);
+    free(config_path);
+    free(weights_path);
+    return st;
+}

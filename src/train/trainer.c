@@ -1,0 +1,302 @@
+/*
+ * The LoRA training loop: micro-batches through forward and backward,
+ * gradient accumulation, clipping, AdamW under a learning-rate schedule,
+ * evaluation before, during and after, metrics.jsonl, and the run folder.
+ */
+#include "train/trainer.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "model/model.h"
+#include "io/tokenizer_config.h"
+#include "peft/lora_io.h"
+#include "train/dataset.h"
+#include "train/optimizer.h"
+#include "train/run_folder.h"
+
+cp_train_params cp_train_default_params(void)
+{
+    return (cp_train_params){
+        .lora = cp_lora_default_params(),
+        .steps = 100,
+        .batch_size = 8,
+        .seq_len = 128,
+        .grad_accum = 1,
+        .lr = 2e-4,
+        .weight_decay = 0.0,
+        .warmup_steps = 0,
+        .warmup_ratio = 0.0,
+        .schedule = CP_SCHEDULE_COSINE,
+        .max_grad_norm = 1.0,
+        .eval_split = 0.05,
+        .eval_every = 0,
+        .seed = 42,
+    };
+}
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Everything a run holds, released together by trainer_free. */
+typedef struct trainer {
+    cp_model *model;
+    cp_tokenizer *tok;
+    cp_dataset data;
+    cp_lora lora;
+    cp_forward_buffers fb;
+    cp_backward_buffers bb;
+    cp_adamw opt;
+    cp_schedule sched;
+    cp_param_ref *refs;
+    int n_refs;
+    int32_t *batch;   /* (B, T + 1) */
+    int32_t *inputs;  /* (B, T) */
+    int32_t *targets; /* (B, T) */
+    cp_run_folder run;
+    FILE *metrics;
+} trainer;
+
+static void trainer_free(trainer *t)
+{
+    if (t->metrics)
+        fclose(t->metrics);
+    cp_run_folder_abort(&t->run);
+    free(t->batch);
+    free(t->inputs);
+    free(t->targets);
+    free(t->refs);
+    cp_adamw_free(&t->opt);
+    cp_backward_buffers_free(&t->bb);
+    cp_forward_buffers_free(&t->fb);
+    cp_lora_free(&t->lora);
+    cp_dataset_free(&t->data);
+    cp_tokenizer_free(t->tok);
+    cp_model_free(t->model);
+}
+
+/* One parameter reference per LoRA matrix, so the optimizer and clipping
+ * see every A and B. */
+static cp_status build_param_refs(trainer *t, cp_error *err)
+{
+    int n = 0, cap = t->lora.n_layers * CP_PROJ_COUNT * 2;
+    t->refs = calloc((size_t)cap, sizeof *t->refs);
+    if (!t->refs)
+        return cp_error_nomem(err, "parameter list", (size_t)cap * sizeof *t->refs);
+    for (int l = 0; l < t->lora.n_layers; l++) {
+        for (int p = 0; p < CP_PROJ_COUNT; p++) {
+            cp_lora_slot *s = cp_lora_slot_at(&t->lora, l, (cp_proj)p);
+            if (!s->A)
+                continue;
+            size_t r = (size_t)t->lora.params.r;
+            t->refs[n++] = (cp_param_ref){cp_proj_name((cp_proj)p), s->A, s->dA, r * s->in, 1};
+            t->refs[n++] = (cp_param_ref){cp_proj_name((cp_proj)p), s->B, s->dB, r * s->out, 1};
+        }
+    }
+    t->n_refs = n;
+    return CP_OK;
+}
+
+static cp_status load_inputs(trainer *t, const cp_train_params *p, cp_error *err)
+{
+    cp_status st = cp_model_load(p->model_dir, &t->model, err);
+    int add_bos = 1;
+    if (st == CP_OK)
+        st = cp_tokenizer_load(p->model_dir, &t->tok, err);
+    if (st == CP_OK)
+        st = cp_tokenizer_config_add_bos(p->model_dir, &add_bos, err);
+    if (st != CP_OK)
+        return st;
+
+    cp_dataset_params dp = cp_dataset_default_params();
+    dp.train_path = p->data_path;
+    dp.eval_path = p->eval_path;
+    dp.seq_len = p->seq_len;
+    dp.context_length = cp_model_context_length(t->model);
+    dp.eval_split = p->eval_split;
+    dp.add_bos = add_bos;
+    dp.seed = p->seed;
+    return cp_dataset_init(&t->data, t->tok, &dp, err);
+}
+
+static cp_status setup(trainer *t, const cp_train_params *p, cp_error *err)
+{
+    int B = p->batch_size, T = p->seq_len;
+    if (p->steps <= 0 || B <= 0 || p->grad_accum <= 0 || !(p->lr > 0) || p->weight_decay < 0 ||
+        p->max_grad_norm < 0 || p->eval_every < 0)
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "invalid training settings: steps, batch size, grad-accum and lr "
+                            "must be positive; weight decay, max-grad-norm and eval-every >= 0");
+    cp_status st = cp_run_folder_begin(&t->run, p->out_dir, err);
+    if (st == CP_OK)
+        st = load_inputs(t, p, err);
+    if (st == CP_OK)
+        st = cp_lora_init(&t->lora, &t->model->cfg, &p->lora, err);
+    if (st == CP_OK)
+        st = cp_lora_reserve(&t->lora, B * T, err);
+    if (st == CP_OK) {
+        t->model->lora = &t->lora;
+        st = cp_forward_buffers_init(&t->fb, &t->model->cfg, B, T, 1, err);
+    }
+    if (st == CP_OK)
+        st = cp_backward_buffers_init(&t->bb, &t->model->cfg, B, T, err);
+    if (st == CP_OK)
+        st = build_param_refs(t, err);
+    if (st == CP_OK) {
+        cp_adamw_config oc = cp_adamw_default_config();
+        oc.weight_decay = p->weight_decay;
+        st = cp_adamw_init(&t->opt, t->refs, t->n_refs, &oc, err);
+    }
+    if (st == CP_OK)
+        st = cp_schedule_init(&t->sched, p->schedule, p->lr, p->warmup_steps, p->warmup_ratio,
+                              p->steps, err);
+    if (st != CP_OK)
+        return st;
+
+    t->batch = malloc((size_t)B * (T + 1) * sizeof *t->batch);
+    t->inputs = malloc((size_t)B * T * sizeof *t->inputs);
+    t->targets = malloc((size_t)B * T * sizeof *t->targets);
+    char *metrics_path = cp_run_folder_file(&t->run, "metrics.jsonl");
+    if (metrics_path)
+        t->metrics = fopen(metrics_path, "w");
+    free(metrics_path);
+    if (!t->batch || !t->inputs || !t->targets || !t->metrics)
+        return cp_error_nomem(err, "training buffers", (size_t)B * (T + 1) * sizeof(int32_t));
+    return CP_OK;
+}
+
+/* Mean loss on the held-out stream, windowed as cp_model_evaluate does. */
+static cp_status evaluate(trainer *t, int step, double *loss, cp_error *err)
+{
+    *loss = -1.0;
+    if (t->data.n_eval == 0)
+        return CP_OK;
+    cp_eval_result r;
+    cp_status st = cp_model_evaluate(t->model, t->data.eval_ids, t->data.n_eval, t->data.seq_len,
+                                     &r, err);
+    if (st != CP_OK)
+        return cp_error_prefix(err, "evaluation at step %d", step);
+    *loss = r.loss;
+    fprintf(t->metrics, "{\"step\": %d, \"eval_loss\": %.6f}\n", step, r.loss);
+    return CP_OK;
+}
+
+/* One optimizer step over grad_accum micro-batches; returns the mean loss. */
+static cp_status train_step(trainer *t, const cp_train_params *p, int step, double *loss,
+                            double *grad_norm, cp_error *err)
+{
+    int B = p->batch_size, T = p->seq_len;
+    memset(t->lora.grads, 0, t->lora.n_weights * sizeof(float));
+    *loss = 0.0;
+    for (int micro = 0; micro < p->grad_accum; micro++) {
+        cp_dataset_next_batch(&t->data, t->batch, B, NULL);
+        for (int b = 0; b < B; b++) {
+            memcpy(t->inputs + (size_t)b * T, t->batch + (size_t)b * (T + 1), T * sizeof(int32_t));
+            memcpy(t->targets + (size_t)b * T, t->batch + (size_t)b * (T + 1) + 1,
+                   T * sizeof(int32_t));
+        }
+        cp_model_forward(t->model, &t->fb, t->inputs);
+        *loss += cp_model_backward(t->model, &t->fb, &t->bb, t->targets,
+                                   1.0f / (float)p->grad_accum) /
+                 p->grad_accum;
+    }
+    if (!isfinite(*loss))
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "the training loss became %g at step %d; lower --lr (now %g) or "
+                            "check the data",
+                            *loss, step, p->lr);
+
+    cp_status st = CP_OK;
+    if (p->max_grad_norm > 0) {
+        st = cp_grad_clip_norm(t->refs, t->n_refs, p->max_grad_norm, grad_norm, err);
+    } else {
+        double sum = 0.0;
+        for (size_t i = 0; i < t->lora.n_weights; i++)
+            sum += (double)t->lora.grads[i] * t->lora.grads[i];
+        *grad_norm = sqrt(sum);
+    }
+    if (st != CP_OK)
+        return cp_error_prefix(err, "step %d; lower --lr", step);
+    cp_adamw_step(&t->opt, cp_schedule_lr(&t->sched, step - 1));
+    return CP_OK;
+}
+
+static size_t count_base_params(const cp_model_config *c)
+{
+    size_t C = c->hidden_size, F = c->intermediate_size, V = c->vocab_size;
+    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    size_t layer = 2 * C + 2 * C * qd + 2 * C * kvd + 3 * C * F;
+    return V * C * (c->tie_word_embeddings ? 1 : 2) + c->n_layers * layer + C;
+}
+
+static cp_status run_loop(trainer *t, const cp_train_params *p, cp_train_callback cb, void *ctx,
+                          cp_train_result *res, cp_error *err)
+{
+    cp_train_progress prog = {.total_steps = p->steps, .eval_loss = -1};
+    cp_status st = evaluate(t, 0, &res->eval_loss_before, err);
+    prog.eval_loss = res->eval_loss_before;
+    if (st == CP_OK && cb)
+        cb(&prog, ctx);
+
+    double start = now_seconds(), tokens_per_step = (double)p->batch_size * p->seq_len * p->grad_accum;
+    for (int step = 1; st == CP_OK && step <= p->steps; step++) {
+        double t0 = now_seconds(), loss = 0, norm = 0;
+        st = train_step(t, p, step, &loss, &norm, err);
+        if (st != CP_OK)
+            break;
+        double elapsed = now_seconds() - start;
+        prog = (cp_train_progress){
+            .step = step, .total_steps = p->steps, .loss = loss,
+            .lr = cp_schedule_lr(&t->sched, step - 1), .grad_norm = norm,
+            .tokens_per_s = tokens_per_step / (now_seconds() - t0 + 1e-9),
+            .eta_s = elapsed / step * (p->steps - step), .eval_loss = -1};
+        fprintf(t->metrics,
+                "{\"step\": %d, \"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.6f, "
+                "\"tokens_per_s\": %.1f}\n",
+                step, loss, prog.lr, norm, prog.tokens_per_s);
+        res->final_train_loss = loss;
+        if (step == p->steps || (p->eval_every > 0 && step % p->eval_every == 0))
+            st = evaluate(t, step, &prog.eval_loss, err);
+        if (step == p->steps)
+            res->eval_loss_after = prog.eval_loss;
+        if (st == CP_OK && cb)
+            cb(&prog, ctx);
+    }
+    return st;
+}
+
+cp_status cp_train_run(const cp_train_params *p, cp_train_callback callback, void *ctx,
+                       cp_train_result *result, cp_error *err)
+{
+    trainer t;
+    memset(&t, 0, sizeof t);
+    memset(result, 0, sizeof *result);
+    cp_status st = setup(&t, p, err);
+    if (st == CP_OK) {
+        result->trainable_params = t.lora.n_weights;
+        result->base_params = count_base_params(&t.model->cfg);
+        st = run_loop(&t, p, callback, ctx, result, err);
+    }
+
+    /* The adapter and the metrics go into the temporary folder, which then
+     * replaces the final one. */
+    if (st == CP_OK)
+        st = cp_lora_save(&t.lora, t.run.tmp_path, p->model_dir, err);
+    if (st == CP_OK && (fflush(t.metrics) != 0 || fsync(fileno(t.metrics)) != 0))
+        st = cp_error_set(err, CP_ERR_IO, "%s: cannot write metrics.jsonl", t.run.tmp_path);
+    if (st == CP_OK) {
+        fclose(t.metrics);
+        t.metrics = NULL;
+        st = cp_run_folder_commit(&t.run, err);
+    }
+    trainer_free(&t);
+    return st;
+}
