@@ -1,9 +1,9 @@
 /*
  * Runs every registered test in a child process, so that a crash or a
  * sanitizer report fails one test rather than the whole run, and prints
- * "N passed, N failed". Arguments, if any, are substrings that select tests.
+ * "N passed, N failed". Arguments select tests by substring, and an
+ * argument written "-substring" excludes the tests it matches.
  */
-#define _GNU_SOURCE
 #include "test.h"
 
 #include <errno.h>
@@ -143,14 +143,21 @@ static int remove_entry(const char *path, const struct stat *st, int flag, struc
     return remove(path);
 }
 
+/* A test runs when its name contains one of the plain arguments (or there
+ * are none) and none of the arguments written "-substring". */
 static int selected(const char *name, int argc, char **argv)
 {
-    if (argc < 2)
-        return 1;
-    for (int i = 1; i < argc; i++)
-        if (strstr(name, argv[i]))
-            return 1;
-    return 0;
+    int includes = 0, included = 0;
+    for (int i = 1; i < argc; i++) {
+        if (argv[i][0] == '-') {
+            if (strstr(name, argv[i] + 1))
+                return 0;
+        } else {
+            includes++;
+            included |= strstr(name, argv[i]) != NULL;
+        }
+    }
+    return includes == 0 || included;
 }
 
 int main(int argc, char **argv)

@@ -1,25 +1,48 @@
 #!/bin/sh
-# make demo: the main job on a default model. Until training lands, it
-# generates a story with stories260K, a small pretrained Llama.
+# make demo: fine-tune stories260K, a small Llama pretrained on children's
+# stories, with LoRA on text unlike its pretraining, and show the eval loss
+# and a sample before and after. Leaves the run folder in runs/demo.
 # Usage: tools/demo.sh SHARED_DIR
 set -eu
 shared=${1:-../shared}
-model="$shared/models/stories260K"
+work=build/demo
+mkdir -p "$work" runs
 
+# The model: from the shared folder, else downloaded and converted once.
+model="$shared/models/stories260K"
 if [ ! -f "$model/config.json" ]; then
-    echo "demo: no model at $model" >&2
-    echo "demo: place Karpathy's stories260K in Hugging Face layout there" \
-         "(config.json, model.safetensors, tokenizer.model), or run" \
-         "'make demo SHARED=DIR' with DIR holding models/stories260K" >&2
-    exit 2
+    model=models/stories260K
+    sh tools/fetch-stories260K.sh "$model"
 fi
 
-echo "== cpeft inspect $model (first lines)"
-./cpeft inspect "$model" | head -n 12
+# The text: tinyshakespeare when present, else the King James Bible's first
+# books from Debian's bible-kjv package (public domain).
+text="$shared/data/tinyshakespeare/input.txt"
+prompt="ROMEO:"
+if [ ! -f "$text" ]; then
+    sh tools/ensure-deps.sh bible-kjv
+    text="$work/kjv.txt"
+    bible gen1:1-50:26 exo1:1-40:38 lev1:1-27:34 >"$text" 2>/dev/null
+    prompt="And God said"
+fi
+
+# First 90% of the bytes for training, a held-out 30 KB from the rest.
+size=$(wc -c <"$text")
+head -c $((size * 9 / 10)) "$text" >"$work/train.txt"
+tail -c $((size - size * 9 / 10)) "$text" | tail -c 30000 >"$work/eval.txt"
+
+sample() {
+    ./cpeft generate --model "$model" "$@" --prompt "$prompt" --max-new-tokens 60 \
+        --temperature 0.8 --seed 1
+}
+
+echo "== sample before fine-tuning"
+sample
 echo
-echo "== cpeft generate: greedy continuation of \"Once upon a time\""
-./cpeft generate --model "$model" --prompt "Once upon a time" --max-new-tokens 120 --temperature 0
+echo "== cpeft train --method lora (r 8, alpha 16, q/k/v/o projections, 100 steps)"
+./cpeft train --model "$model" --data "$work/train.txt" --eval-data "$work/eval.txt" \
+    --method lora --r 8 --alpha 16 --target q_proj,k_proj,v_proj,o_proj \
+    --steps 100 --batch-size 8 --seq-len 128 --lr 3e-3 --out runs/demo
 echo
-echo "== cpeft generate: sampled at temperature 0.8, seed 42"
-./cpeft generate --model "$model" --prompt "Lily and her dog" --max-new-tokens 120 \
-    --temperature 0.8 --seed 42
+echo "== sample after fine-tuning (--adapter runs/demo)"
+sample --adapter runs/demo

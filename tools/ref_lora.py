@@ -7,13 +7,15 @@ AdamW trajectory, and the evaluation loss with and without an adapter. It also
 evaluates any LoRA adapter saved in PEFT's layout (cpeft's or PEFT's own), and
 trains one as a yardstick for cpeft's training runs. It runs with Debian's
 python3-torch 1.13, numpy and sentencepiece, without transformers, peft or the
-safetensors package, and reuses the safetensors reader and writer, the RoPE and
-the RMSNorm of tools/ref_llama.py.
+safetensors package. Model loading, safetensors, RoPE, RMSNorm and the
+tokenizer come from tools/ref_llama.py.
 
-LoRA as Hugging Face PEFT defines it (read for this script in huggingface/peft
-src/peft/tuners/lora/layer.py: LoraLayer.update_layer, reset_lora_parameters
-and Linear.forward; src/peft/utils/save_and_load.py: get_peft_model_state_dict;
-src/peft/config.py: PeftConfigMixin.from_peft_type):
+LoRA as Hugging Face PEFT defines it (read for this script in huggingface/peft:
+src/peft/tuners/lora/layer.py for LoraLayer.update_layer,
+reset_lora_parameters and Linear.forward; src/peft/tuners/tuners_utils.py for
+check_target_module_exists and the all-linear shorthand;
+src/peft/utils/save_and_load.py for get_peft_model_state_dict;
+src/peft/config.py for PeftConfigMixin.from_peft_type):
     y = W x + lora_B(lora_A(dropout(x))) * scaling, for a target nn.Linear W (out, in)
     lora_A.weight (r, in): nn.init.kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in))
     lora_B.weight (out, r): zero
@@ -198,13 +200,13 @@ def init_adapter(cfg, r, alpha, targets, generator, b_std=0.0, use_rslora=False,
 def peft_adapter_config(r, alpha, targets, dropout, use_rslora, base_model):
     """Return the adapter_config.json that PEFT 0.10.0 writes for a LoRA on a causal LM.
 
-    The keys are exactly those PEFT 0.10.0 wrote for a saved LoRA adapter.
-    PEFT before 0.13 raises "unexpected keyword argument" on a key its
-    LoraConfig lacks, and later versions drop unknown keys with a warning and
-    give missing keys their defaults. So this set loads in 0.10.0 and every
-    later version. Newer keys (lora_bias, exclude_modules, eva_config,
-    corda_config) are left out because their defaults are what this adapter
-    means. PEFT's save_pretrained sets inference_mode to true in the saved file.
+    The keys are those of a LoRA adapter saved by PEFT 0.10.0. PEFT before
+    0.13 raises "unexpected keyword argument" on a key its LoraConfig lacks,
+    while later versions drop unknown keys with a warning and give missing
+    keys their defaults, so this set loads in 0.10.0 and every later version.
+    Newer keys (lora_bias, exclude_modules, eva_config, corda_config) are left
+    out because their defaults already describe this adapter. PEFT's
+    save_pretrained writes inference_mode true.
     """
     return {
         "alpha_pattern": {},
@@ -288,8 +290,9 @@ def validate_adapter_config(config, path):
         if key in APPLIED_CONFIG_KEYS or key in INERT_CONFIG_KEYS or key in ("task_type", "init_lora_weights"):
             continue
         if not is_default_value(value):
-            raise ValueError(f"{path}: {key} is {value!r}, which this reference does not implement; it applies "
-                             "only r, lora_alpha, use_rslora and target_modules, and every other key must be off")
+            raise ValueError(f"{path}: {key} is {value!r}, which this reference does not implement. It applies "
+                             "only r, lora_alpha, use_rslora and target_modules, and every other key must be off; "
+                             "evaluate this adapter with PEFT itself")
 
 
 def llama_module_names(cfg):
@@ -484,7 +487,8 @@ def make_adamw(params, lr):
 def cosine_lr(base_lr, step, total_steps):
     """Return the learning rate of step `step` (0-based) of a cosine decay to 0 with no warmup.
 
-    This is transformers' get_cosine_schedule_with_warmup with warmup 0:
+    The formula is that of transformers' get_cosine_schedule_with_warmup
+    (num_cycles 0.5) with no warmup steps:
     lr * 0.5 * (1 + cos(pi * step / total_steps)), so step 0 uses the full lr.
     """
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))

@@ -563,12 +563,14 @@ static cp_status convert_into(const char *out, const cp_llama2c *ck, const hf_te
         st = folder_write(staging, &ck->config, t, tokenizer, tokenizer_len, bos_id, eos_id,
                           err);
     /* rename() replaces an empty folder at out, and fails if it is not empty. */
-    if (st == CP_OK && rename(staging, out) != 0)
+    if (st == CP_OK && rename(staging, out) != 0) {
+        int saved = errno;
         st = cp_error_set(err, CP_ERR_INPUT, "%s: cannot rename %s to it: %s%s", out, staging,
-                          strerror(errno),
-                          errno == ENOTEMPTY || errno == EEXIST
+                          strerror(saved),
+                          saved == ENOTEMPTY || saved == EEXIST
                               ? "; another process filled the folder, remove it and retry"
                               : "");
+    }
     if (st != CP_OK && staging)
         staging_remove(staging);
     free(staging);
