@@ -48,6 +48,18 @@ void cp_test_fail(const char *file, int line, const char *fmt, ...)
     cp_test_failures++;
 }
 
+/* Paths handed to tests stay reachable from this table until the test
+ * process exits, so LeakSanitizer does not report them. */
+static char *kept_paths[1024];
+static int n_kept_paths;
+
+static char *keep_path(char *path)
+{
+    if (n_kept_paths < 1024)
+        kept_paths[n_kept_paths++] = path;
+    return path;
+}
+
 char *test_shared(const char *relative)
 {
     const char *root = getenv("CPEFT_SHARED");
@@ -56,18 +68,19 @@ char *test_shared(const char *relative)
     char *path = NULL;
     if (asprintf(&path, "%s/%s", root, relative) < 0)
         abort();
-    return path;
+    return keep_path(path);
 }
 
 const char *test_tmpdir(void)
 {
-    static char path[320];
-    snprintf(path, sizeof path, "%s/t%d", tmp_root, tmp_count++);
+    char *path = NULL;
+    if (asprintf(&path, "%s/t%d", tmp_root, tmp_count++) < 0)
+        abort();
     if (mkdir(path, 0755) != 0) {
         fprintf(stderr, "cannot create %s: %s\n", path, strerror(errno));
         abort();
     }
-    return path;
+    return keep_path(path);
 }
 
 char *test_write_file(const char *dir, const char *name, const void *data, size_t n)

@@ -68,11 +68,12 @@ void cp_test_fail(const char *file, int line, const char *fmt, ...)
                          #a, #b, a_, b_, (double)(tol));                       \
     } while (0)
 
-/* Returns a path under the shared folder (static storage, one at a time is
- * not enough for two paths: the result is malloc'd and never freed). */
+/* Returns a path under the shared folder ($CPEFT_SHARED). The string lives
+ * until the test process exits; do not free it. */
 char *test_shared(const char *relative);
 
-/* Returns a fresh empty directory under $TMPDIR, removed by the runner. */
+/* Returns a new empty folder under $TMPDIR on every call. The runner
+ * removes it after the run; do not free the string. */
 const char *test_tmpdir(void);
 
 /* Writes data to dir/name and returns the malloc'd path. */

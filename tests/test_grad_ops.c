@@ -24,13 +24,14 @@
  * element change between the two evaluations, but their float32 rounding
  * still adds noise of order 1e-7 / EPS to the numeric gradient. On these
  * tests that noise dominates up to EPS = 1e-2, where the relative errors are
- * 1e-4 at most (3 to 10 times smaller than with 1e-3); from 3e-2 on the
+ * 2e-4 at most, about 10 times smaller than with 1e-3. From 3e-2 on, the
  * truncation error of swiglu and attention starts to grow. */
 #define EPS 1e-2f
 
 /* Max |analytic - numeric| over the max |numeric| of one input tensor. The
- * largest error measured on these shapes is 2e-4 (rmsnorm dinp at C = 512);
- * a wrong sign, factor or transposition gives errors of order 1e-1 to 1. */
+ * largest error measured on these shapes is 2e-4 (rmsnorm dinp at C = 512).
+ * Bugs planted on purpose (a flipped sign, a dropped factor, a transposed
+ * operand, a skipped head) gave errors from 1e-2 (rmsnorm's r³ as r²) to 4. */
 #define GRAD_TOL 1e-3
 
 /* Fast against reference matmul backward: float32 sums of up to 1024
@@ -134,8 +135,9 @@ static void matmul_objective_forward(void *p)
     cp_matmul_forward_ref(c->out, c->inp, c->weight, c->bias, c->N, c->IC, c->OC);
 }
 
-/* (N, IC, OC, with bias): the first two run single-threaded, the third splits
- * dinp by rows and the fourth by columns (N < 64). */
+/* (N, IC, OC, with bias): the first two run single-threaded. The third splits
+ * dinp by rows and dweight by columns (IC > OC), the fourth dinp by columns
+ * (N < 64) and dweight by rows. */
 static const int matmul_shapes[][4] = {{5, 7, 4, 1}, {5, 7, 4, 0}, {70, 24, 20, 1}, {8, 64, 80, 0}};
 
 TEST(grad_matmul_finite_differences)
@@ -286,8 +288,8 @@ static void rope_objective_forward(void *p)
     cp_rope_forward(c->out, c->pos, c->N, c->n_heads, c->head_dim, c->inv_freq);
 }
 
-/* The backward overwrites dx in place rather than accumulating, as its header
- * says, so there is no accumulation check for it. */
+/* The backward rotates dx in place rather than accumulating, as its header
+ * states, so there is no accumulation check for it. */
 TEST(grad_rope_finite_differences)
 {
     int N = 20, n_heads = 3, head_dim = 8;
@@ -498,16 +500,16 @@ TEST(grad_attention_finite_differences)
 /* ---- accumulation ---- */
 
 /* Two calls into zeroed gradients must give twice one call. */
-static void check_doubled(const float *twice, const float *once, size_t n, const char *what)
+static void check_doubled(const float *twice, const float *once, size_t n, const char *label)
 {
     double max_diff = 0.0, max_once = 0.0;
     for (size_t i = 0; i < n; i++) {
         max_diff = fmax(max_diff, fabs((double)twice[i] - 2.0 * once[i]));
         max_once = fmax(max_once, fabs((double)once[i]));
     }
-    CHECK_MSG(max_once > 0.0, "%s: the gradient is all zeros", what);
+    CHECK_MSG(max_once > 0.0, "%s: the gradient is all zeros", label);
     CHECK_MSG(max_diff <= 1e-6 * max_once, "%s: two calls differ from twice one call by %g",
-              what, max_diff);
+              label, max_diff);
 }
 
 TEST(grad_matmul_accumulates)

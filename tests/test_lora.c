@@ -325,7 +325,10 @@ TEST(train_recipe_lowers_eval_loss)
                      test_shared("models/stories260K"), with ? "--adapter '" : "",
                      with ? dir : "", with ? "/run'" : "", dir) < 0)
             abort();
-        CHECK_EQ_INT(test_run_cli(eval_args, NULL, &eval_out, NULL), 0);
+        char *eval_err = NULL;
+        CHECK_EQ_INT(test_run_cli(eval_args, NULL, &eval_out, &eval_err), 0);
+        CHECK_MSG(eval_err && eval_err[0] == 0, "cpeft %s: %s", eval_args, eval_err);
+        free(eval_err);
         const char *at = strstr(eval_out, "\"loss\": ");
         loss[with] = at ? atof(at + 8) : 0;
         free(eval_args), free(eval_out);

@@ -62,8 +62,13 @@ import re
 import sys
 import time
 
-import numpy as np
-import torch
+# The matrix products here are small (hidden size 64 for stories260K), and
+# OpenBLAS's own thread pool only adds synchronization to them, which costs the
+# most on a busy machine. OpenBLAS reads this when torch loads it, so it must be
+# set before the import. An OPENBLAS_NUM_THREADS from the caller wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ref_llama import (  # noqa: E402  (the tools folder must be on sys.path first)

@@ -1,5 +1,6 @@
 /* cpeft train: fine-tune a model with LoRA and write a PEFT-format run folder. */
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -8,6 +9,14 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "train/trainer.h"
+
+static volatile sig_atomic_t stop_requested;
+
+static void request_stop(int sig)
+{
+    (void)sig;
+    stop_requested = 1;
+}
 
 typedef struct progress_state {
     int quiet;
@@ -25,15 +34,15 @@ static void format_eta(char *buf, size_t size, double seconds)
 
 /* A progress line on stderr: redrawn in place on a terminal, otherwise
  * about twenty lines per run. */
-static void print_progress(const cp_train_progress *p, void *ctx)
+static int print_progress(const cp_train_progress *p, void *ctx)
 {
     const progress_state *ps = ctx;
     if (ps->quiet)
-        return;
+        return stop_requested;
     if (p->step == 0) {
         if (p->eval_loss >= 0)
             fprintf(stderr, "step 0/%d  eval_loss %.4f\n", p->total_steps, p->eval_loss);
-        return;
+        return stop_requested;
     }
     int every = p->total_steps >= 20 ? p->total_steps / 20 : 1;
     int show = ps->tty || p->step % every == 0 || p->step == p->total_steps;
@@ -47,6 +56,9 @@ static void print_progress(const cp_train_progress *p, void *ctx)
     if (p->eval_loss >= 0)
         fprintf(stderr, "%sstep %d/%d  eval_loss %.4f\n", ps->tty ? "\n" : "", p->step,
                 p->total_steps, p->eval_loss);
+    if (stop_requested && ps->tty)
+        fputc('\n', stderr);
+    return stop_requested;
 }
 
 static int run(const cp_train_params *p, int quiet)
@@ -54,6 +66,9 @@ static int run(const cp_train_params *p, int quiet)
     cp_error err = {0};
     cp_train_result res;
     progress_state ps = {.quiet = quiet, .tty = isatty(fileno(stderr))};
+    /* Ctrl-C stops after the current step and removes the unfinished run. */
+    signal(SIGINT, request_stop);
+    signal(SIGTERM, request_stop);
     cp_status st = cp_train_run(p, print_progress, &ps, &res, &err);
     if (st != CP_OK)
         return cli_report(&err);

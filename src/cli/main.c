@@ -1,6 +1,8 @@
 /* cpeft's command-line entry point: dispatches to one subcommand. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli/commands.h"
 
@@ -22,12 +24,27 @@ static void print_usage(FILE *fp)
 {
     fprintf(fp, "usage: cpeft COMMAND [options]\n\ncommands:\n");
     for (size_t i = 0; i < sizeof commands / sizeof *commands; i++)
-        fprintf(fp, "  %-10s %s\n", commands[i].name, commands[i].about);
+        fprintf(fp, "  %-16s %s\n", commands[i].name, commands[i].about);
     fprintf(fp, "\nrun 'cpeft COMMAND --help' for a command's options\n");
+}
+
+/* OpenMP threads that spin while waiting at a barrier (libgomp's default)
+ * stall the whole pass whenever another process takes their core, which
+ * made training ten times slower on a busy two-core machine. libgomp reads
+ * OMP_WAIT_POLICY only when it loads, so when the user has not chosen a
+ * policy the program sets "passive" and starts itself again, once. */
+static void prefer_passive_waiting(char **argv)
+{
+    if (getenv("OMP_WAIT_POLICY"))
+        return;
+    setenv("OMP_WAIT_POLICY", "passive", 1);
+    execv("/proc/self/exe", argv);
+    /* When the exec fails the run goes on with the default policy. */
 }
 
 int main(int argc, char **argv)
 {
+    prefer_passive_waiting(argv);
     if (argc < 2) {
         print_usage(stderr);
         return 2;

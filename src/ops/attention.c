@@ -151,11 +151,10 @@ void cp_attention_decode(float *out, float *scores, const float *q, const float 
     }
 }
 
-/* Undoes the masked softmax for query rows [t0, t1) of one head: ds holds
- * dP = dO Vᵀ on entry and dS = P ⊙ (dP - Σ_j dP_j P_j) on return, per row
- * over its visible keys. The rest of the block's columns [lo, t1) is zeroed,
- * because the sgemm calls that follow read the whole block. p and ds are rows
- * of (T, T). */
+/* Turns dP = dO Vᵀ in ds into dS = P ⊙ (dP - Σ_j dP_j P_j) in place, undoing
+ * the masked softmax for query rows [t0, t1) of one head, each row over its
+ * visible keys. The rest of the block's columns [lo, t1) is zeroed, because
+ * the sgemm calls that follow read the whole block. p and ds are (T, T). */
 static void softmax_backward_rows(float *ds, const float *p, int t0, int t1, int lo, int T,
                                   int window)
 {
@@ -178,9 +177,9 @@ static void softmax_backward_rows(float *ds, const float *p, int t0, int t1, int
     }
 }
 
-/* One query head h of sequence b, by the forward's blocks of query rows:
- * the four products of the backward, each restricted to the keys [lo, t1)
- * that the block can see. The caller owns dk and dv rows of h's kv head. */
+/* Adds the gradients of one query head of one sequence, by the forward's
+ * blocks of query rows: four products, each restricted to the keys [lo, t1)
+ * that the block can see. The caller owns the dk and dv rows of its kv head. */
 static void attention_backward_head(float *dqh, float *dkh, float *dvh, float *s,
                                     const float *doh, const float *p, const float *qh,
                                     const float *kh, const float *vh, int T, int q_stride,
@@ -215,7 +214,9 @@ static void attention_backward_head(float *dqh, float *dkh, float *dvh, float *s
 /* dout, dq and q are (B, T, H, D), dk, dv, k and v (B, T, KVH, D), att and
  * scratch (B, H, T, T). Threads take whole (sequence, kv head) pairs, so the
  * query heads that share a kv head add into its dk and dv rows one after
- * another, never concurrently. */
+ * another, never concurrently.
+ * NOTE: that leaves B * KVH units of work, so threads beyond that sit idle
+ * (a single sequence with 4 kv heads uses 4 threads). */
 void cp_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
                            const float *att, const float *q, const float *k, const float *v,
                            int B, int T, int H, int KVH, int D, int window)

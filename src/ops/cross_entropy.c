@@ -67,6 +67,7 @@ void cp_cross_entropy_backward(float *dlogits, const float *logits, const int32_
         }
 
         float max = x[0];
+#pragma omp simd reduction(max : max)
         for (int i = 1; i < V; i++)
             max = x[i] > max ? x[i] : max;
         float scale = (float)(dloss[n] / exp_shifted(dx, x, max, V));

@@ -26,6 +26,7 @@ void cp_embedding_backward(float *dtable, const float *dout, const int32_t *ids,
         for (int n = 0; n < N; n++) {
             float *row = dtable + (size_t)ids[n] * C;
             const float *g = dout + (size_t)n * C;
+#pragma omp simd
             for (int i = lo; i < hi; i++)
                 row[i] += g[i];
         }

@@ -55,46 +55,76 @@ void cp_matmul_forward_ref(float *out, const float *inp, const float *weight, co
     }
 }
 
-/* The range [lo, hi) of total items that OpenMP thread id of n_threads owns. */
+/* Sets [lo, hi) to the block of total items that thread id of n_threads takes. */
 static void thread_range(int total, int id, int n_threads, int *lo, int *hi)
 {
     *lo = (int)((long)total * id / n_threads);
     *hi = (int)((long)total * (id + 1) / n_threads);
 }
 
-/* Backward of out = inp · Wᵀ + bias. dout is (N, OC), inp (N, IC), weight
- * (OC, IC). Inside one parallel region each thread takes a block of dinp and,
- * independently, a block of rows of dweight and of dbias, so no two threads
- * write the same element and no barrier is needed between the three. */
+/* Computes thread id's share of dinp (N, IC) += dout (N, OC) · W (OC, IC),
+ * undoing out = inp · Wᵀ for inp: a block of rows, or of columns when there
+ * are too few rows to share out. */
+static void dinp_block(float *dinp, const float *dout, const float *weight, int N, int IC,
+                       int OC, int id, int n_threads)
+{
+    int lo, hi;
+    if (N >= 64) {
+        thread_range(N, id, n_threads, &lo, &hi);
+        if (hi > lo)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, IC, OC, 1.0f,
+                        dout + (size_t)lo * OC, OC, weight, IC, 1.0f, dinp + (size_t)lo * IC,
+                        IC);
+        return;
+    }
+    thread_range(IC, id, n_threads, &lo, &hi);
+    if (hi > lo)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, hi - lo, OC, 1.0f, dout, OC,
+                    weight + lo, IC, 1.0f, dinp + lo, IC);
+}
+
+/* Computes thread id's share of dweight (OC, IC) += doutᵀ (OC, N) · inp
+ * (N, IC), each element a sum over all N rows. The longer side of dweight is
+ * split, so that every thread's sgemm keeps a wide block, and every thread
+ * packs the whole of the other operand. */
+static void dweight_block(float *dweight, const float *dout, const float *inp, int N, int IC,
+                          int OC, int id, int n_threads)
+{
+    int lo, hi;
+    if (OC >= IC) {
+        thread_range(OC, id, n_threads, &lo, &hi);
+        if (hi > lo)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, IC, N, 1.0f,
+                        dout + lo, OC, inp, IC, 1.0f, dweight + (size_t)lo * IC, IC);
+        return;
+    }
+    thread_range(IC, id, n_threads, &lo, &hi);
+    if (hi > lo)
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, hi - lo, N, 1.0f, dout, OC,
+                    inp + lo, IC, 1.0f, dweight + lo, IC);
+}
+
+/* Backward of out = inp · Wᵀ + bias: dout is (N, OC), inp (N, IC), weight
+ * (OC, IC). In one parallel region each thread takes its own block of dinp,
+ * of dweight and of dbias, so no two threads write the same element and the
+ * three need no barrier between them. */
 void cp_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                         const float *inp, const float *weight, int N, int IC, int OC)
 {
     cp_blas_single_threaded();
-    int split_rows = N >= 64;
 #pragma omp parallel if ((size_t)N * IC * OC > 32768)
     {
         int n_threads = omp_get_num_threads(), id = omp_get_thread_num(), lo, hi;
+        if (dinp)
+            dinp_block(dinp, dout, weight, N, IC, OC, id, n_threads);
+        if (dweight)
+            dweight_block(dweight, dout, inp, N, IC, OC, id, n_threads);
 
-        /* Undoes out = inp · Wᵀ for inp: dinp += dout · W, by blocks of rows,
-         * or of columns when there are too few rows to share out. */
-        thread_range(split_rows ? N : IC, id, n_threads, &lo, &hi);
-        if (dinp && hi > lo && split_rows)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, IC, OC, 1.0f,
-                        dout + (size_t)lo * OC, OC, weight, IC, 1.0f, dinp + (size_t)lo * IC,
-                        IC);
-        else if (dinp && hi > lo)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, hi - lo, OC, 1.0f, dout,
-                        OC, weight + lo, IC, 1.0f, dinp + lo, IC);
-
-        /* For W: dweight[lo:hi] += dout[:, lo:hi]ᵀ · inp, over all N rows. */
+        /* The bias is added to every row, so its gradient is dout's column sums. */
         thread_range(OC, id, n_threads, &lo, &hi);
-        if (dweight && hi > lo)
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, IC, N, 1.0f, dout + lo,
-                        OC, inp, IC, 1.0f, dweight + (size_t)lo * IC, IC);
-
-        /* For the bias added to every row: its column sums. */
         if (dbias)
             for (int n = 0; n < N; n++)
+#pragma omp simd
                 for (int o = lo; o < hi; o++)
                     dbias[o] += dout[(size_t)n * OC + o];
     }

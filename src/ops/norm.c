@@ -29,8 +29,8 @@ void cp_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *
  * dr/dx_i = -r³ x_i / C, so
  *   dx_i = r w_i dy_i - x_i r³ mean(x ⊙ w ⊙ dy),
  *   dw_i = Σ_n dy_i x_i r.
- * Rows are independent for dinp; dweight sums over rows, so its columns are
- * split between threads instead, each thread walking every row. */
+ * Threads split the rows for dinp. dweight sums over rows, so for it they
+ * split the columns instead, each thread walking every row. */
 void cp_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
                          const float *weight, const float *rstd, int N, int C)
 {
@@ -42,9 +42,11 @@ void cp_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const f
             float *dx = dinp + (size_t)n * C;
             float r = rstd[n];
             double dot = 0.0;
+#pragma omp simd reduction(+ : dot)
             for (int i = 0; i < C; i++)
                 dot += (double)x[i] * weight[i] * dy[i];
             float coef = (float)(dot / C) * r * r * r;
+#pragma omp simd
             for (int i = 0; i < C; i++)
                 dx[i] += r * weight[i] * dy[i] - x[i] * coef;
         }
@@ -59,6 +61,7 @@ void cp_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const f
             for (int n = 0; n < N; n++) {
                 const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
                 float r = rstd[n];
+#pragma omp simd
                 for (int i = lo; i < hi; i++)
                     dweight[i] += dy[i] * x[i] * r;
             }

@@ -243,8 +243,9 @@ static cp_status run_loop(trainer *t, const cp_train_params *p, cp_train_callbac
     cp_train_progress prog = {.total_steps = p->steps, .eval_loss = -1};
     cp_status st = evaluate(t, 0, &res->eval_loss_before, err);
     prog.eval_loss = res->eval_loss_before;
-    if (st == CP_OK && cb)
-        cb(&prog, ctx);
+    if (st == CP_OK && cb && cb(&prog, ctx))
+        st = cp_error_set(err, CP_ERR_INPUT, "training stopped before the first step; nothing "
+                                             "was written");
 
     double start = now_seconds(), tokens_per_step = (double)p->batch_size * p->seq_len * p->grad_accum;
     for (int step = 1; st == CP_OK && step <= p->steps; step++) {
@@ -267,8 +268,10 @@ static cp_status run_loop(trainer *t, const cp_train_params *p, cp_train_callbac
             st = evaluate(t, step, &prog.eval_loss, err);
         if (step == p->steps)
             res->eval_loss_after = prog.eval_loss;
-        if (st == CP_OK && cb)
-            cb(&prog, ctx);
+        if (st == CP_OK && cb && cb(&prog, ctx))
+            st = cp_error_set(err, CP_ERR_INPUT,
+                              "training stopped after step %d of %d; nothing was written", step,
+                              p->steps);
     }
     return st;
 }

@@ -4,7 +4,8 @@
  *
  * The run folder is built beside its final path and renamed into place only
  * when training succeeded, so a failed or interrupted run leaves no
- * half-written folder. Checkpoints and resume are not implemented yet.
+ * half-written folder. A callback can stop a run (on Ctrl-C, say) with the
+ * same guarantee. Checkpoints and resume are not implemented yet.
  */
 #ifndef CP_TRAINER_H
 #define CP_TRAINER_H
@@ -45,7 +46,9 @@ typedef struct cp_train_progress {
     double eval_loss;
 } cp_train_progress;
 
-typedef void (*cp_train_callback)(const cp_train_progress *p, void *ctx);
+/* Returns 0 to go on, anything else to stop the run: then nothing is
+ * written and cp_train_run returns CP_ERR_INPUT. */
+typedef int (*cp_train_callback)(const cp_train_progress *p, void *ctx);
 
 typedef struct cp_train_result {
     double eval_loss_before; /* base model, before any step */
