@@ -58,12 +58,9 @@ void cp_backward_buffers_free(cp_backward_buffers *bb)
 static void project_backward(const cp_model *m, int l, cp_proj p, float *dx, const float *dout,
                              const float *x, int N)
 {
-    const cp_layer_weights *w = &m->layers[l];
-    const float *weights[CP_PROJ_COUNT] = {w->wq, w->wk, w->wv, w->wo,
-                                           w->w_gate, w->w_up, w->w_down};
     int in, out;
     cp_proj_shape(&m->cfg, p, &in, &out);
-    cp_matmul_backward(dx, NULL, NULL, dout, x, weights[p], N, in, out);
+    cp_matmul_backward(dx, NULL, NULL, dout, x, cp_model_proj_weight(m, l, p), N, in, out);
     if (m->lora)
         cp_lora_backward(m->lora, l, p, dx, dout, x, N);
 }

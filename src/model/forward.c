@@ -106,14 +106,19 @@ static void add_inplace(float *dst, const float *src, size_t n)
         dst[i] += src[i];
 }
 
-void cp_model_project(const cp_model *m, int l, int proj, float *out, const float *x, int N)
+const float *cp_model_proj_weight(const cp_model *m, int l, int proj)
 {
     const cp_layer_weights *w = &m->layers[l];
     const float *weights[CP_PROJ_COUNT] = {w->wq, w->wk, w->wv, w->wo,
                                            w->w_gate, w->w_up, w->w_down};
+    return weights[proj];
+}
+
+void cp_model_project(const cp_model *m, int l, int proj, float *out, const float *x, int N)
+{
     int in, outd;
     cp_proj_shape(&m->cfg, (cp_proj)proj, &in, &outd);
-    cp_matmul_forward(out, x, weights[proj], NULL, N, in, outd);
+    cp_matmul_forward(out, x, cp_model_proj_weight(m, l, proj), NULL, N, in, outd);
     if (m->lora)
         cp_lora_forward(m->lora, l, (cp_proj)proj, out, x, N);
 }

@@ -43,6 +43,9 @@ struct cp_model {
     int owns_lora;            /* 1 when cp_model_load_adapter allocated it */
 };
 
+/* The frozen weight (out, in) of projection proj (a cp_proj) in layer l. */
+const float *cp_model_proj_weight(const cp_model *m, int l, int proj);
+
 /* One projection of layer l: out (N, out) = x Wᵀ plus the attached
  * adapter's contribution, if any. */
 void cp_model_project(const cp_model *m, int l, int proj, float *out, const float *x, int N);

@@ -38,15 +38,17 @@ void cp_rope_inv_freq(float *inv_freq, const cp_model_config *cfg)
     }
 }
 
-void cp_rope_forward(float *x, const int *pos, int N, int n_heads, int head_dim,
-                     const float *inv_freq)
+/* Rotates every rotate-half pair of x (N, n_heads, head_dim) by
+ * direction * pos * inv_freq: +1 applies RoPE, -1 undoes it. */
+static void rotate(float *x, const int *pos, int N, int n_heads, int head_dim,
+                   const float *inv_freq, float direction)
 {
     int half = head_dim / 2;
 #pragma omp parallel for if (N > 16)
     for (int n = 0; n < N; n++) {
         for (int i = 0; i < half; i++) {
             float angle = (float)pos[n] * inv_freq[i];
-            float c = cosf(angle), s = sinf(angle);
+            float c = cosf(angle), s = direction * sinf(angle);
             for (int h = 0; h < n_heads; h++) {
                 float *head = x + ((size_t)n * n_heads + h) * head_dim;
                 float a = head[i], b = head[i + half];
@@ -57,25 +59,17 @@ void cp_rope_forward(float *x, const int *pos, int N, int n_heads, int head_dim,
     }
 }
 
-/* dx is (N, n_heads, head_dim). The forward's
- *   head[i] = a c - b s,  head[i + half] = b c + a s
- * is a rotation by +angle, so its transpose, a rotation by -angle, carries
- * the gradient back: da = da' c + db' s, db = db' c - da' s. */
+void cp_rope_forward(float *x, const int *pos, int N, int n_heads, int head_dim,
+                     const float *inv_freq)
+{
+    rotate(x, pos, N, n_heads, head_dim, inv_freq, 1.0f);
+}
+
+/* The forward, head[i] = a c - b s and head[i + half] = b c + a s, is a
+ * rotation by +angle; its transpose, the rotation by -angle, carries the
+ * gradient dx (N, n_heads, head_dim) back. */
 void cp_rope_backward(float *dx, const int *pos, int N, int n_heads, int head_dim,
                       const float *inv_freq)
 {
-    int half = head_dim / 2;
-#pragma omp parallel for if (N > 16)
-    for (int n = 0; n < N; n++) {
-        for (int i = 0; i < half; i++) {
-            float angle = (float)pos[n] * inv_freq[i];
-            float c = cosf(angle), s = sinf(angle);
-            for (int h = 0; h < n_heads; h++) {
-                float *head = dx + ((size_t)n * n_heads + h) * head_dim;
-                float da = head[i], db = head[i + half];
-                head[i] = da * c + db * s;
-                head[i + half] = db * c - da * s;
-            }
-        }
-    }
+    rotate(dx, pos, N, n_heads, head_dim, inv_freq, -1.0f);
 }
