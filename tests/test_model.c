@@ -7,7 +7,9 @@
 #include <cJSON.h>
 #include <stdlib.h>
 
+#include "core/dtype.h"
 #include "core/file.h"
+#include "io/safetensors.h"
 #include "io/hf_config.h"
 #include "model/kv_cache.h"
 #include "model/model.h"
@@ -161,3 +163,78 @@ static void check_eval(int seq_len)
 
 TEST(eval_tinyshakespeare_seq128) { check_eval(128); }
 TEST(eval_tinyshakespeare_seq512) { check_eval(512); }
+
+/* Writes stories260K with every tensor stored as dtype into a new folder. */
+static const char *narrowed_copy(cp_dtype dtype)
+{
+    const char *dir = test_tmpdir();
+    cp_safetensors *src = NULL;
+    cp_error err = {0};
+    CHECK(cp_safetensors_open(test_shared("models/stories260K"), &src, &err) == CP_OK);
+    if (!src)
+        return dir;
+    size_t n = cp_safetensors_count(src);
+    cp_st_tensor *out = calloc(n, sizeof *out);
+    for (size_t i = 0; i < n; i++) {
+        const cp_st_tensor *t = cp_safetensors_at(src, i);
+        size_t count = cp_st_tensor_numel(t);
+        uint16_t *half = malloc(count * sizeof *half);
+        const float *f = t->data;
+        for (size_t j = 0; j < count; j++)
+            half[j] = dtype == CP_DTYPE_BF16 ? cp_f32_to_bf16(f[j]) : cp_f32_to_f16(f[j]);
+        out[i] = *t;
+        out[i].dtype = dtype;
+        out[i].data = half;
+        out[i].nbytes = count * sizeof *half;
+    }
+    char *path = NULL, *cmd = NULL;
+    if (asprintf(&path, "%s/model.safetensors", dir) < 0 ||
+        asprintf(&cmd, "cp '%s/config.json' '%s/tokenizer.model' '%s'",
+                 test_shared("models/stories260K"), test_shared("models/stories260K"), dir) < 0 ||
+        system(cmd) != 0)
+        abort();
+    CHECK_MSG(cp_safetensors_write(path, out, n, NULL, 0, &err) == CP_OK, "%s", err.msg);
+    for (size_t i = 0; i < n; i++)
+        free((void *)out[i].data);
+    free(out), free(path), free(cmd);
+    cp_safetensors_close(src);
+    return dir;
+}
+
+TEST(half_precision_checkpoints_load)
+{
+    cp_model *ref = NULL;
+    cp_error err = {0};
+    CHECK(cp_model_load(test_shared("models/stories260K"), &ref, &err) == CP_OK);
+    if (!ref)
+        return;
+    cp_dtype dtypes[] = {CP_DTYPE_BF16, CP_DTYPE_F16};
+    for (int d = 0; d < 2; d++) {
+        cp_model *m = NULL;
+        const char *dir = narrowed_copy(dtypes[d]);
+        CHECK_MSG(cp_model_load(dir, &m, &err) == CP_OK, "%s", err.msg);
+        if (!m)
+            continue;
+        /* Widened weights equal the original rounded to the stored dtype. */
+        size_t bad = 0, n = (size_t)ref->cfg.vocab_size * ref->cfg.hidden_size;
+        for (size_t i = 0; i < n; i++) {
+            float want = dtypes[d] == CP_DTYPE_BF16 ? cp_bf16_to_f32(cp_f32_to_bf16(ref->embed[i]))
+                                                    : cp_f16_to_f32(cp_f32_to_f16(ref->embed[i]));
+            bad += m->embed[i] != want;
+        }
+        CHECK_MSG(bad == 0, "%s: %zu embedding values differ", cp_dtype_name(dtypes[d]), bad);
+
+        /* The loss moves by no more than half-precision rounding explains. */
+        int32_t ids[257];
+        for (int i = 0; i < 257; i++)
+            ids[i] = (int32_t)((i * 37 + 11) % 512);
+        cp_eval_result a, b;
+        CHECK(cp_model_evaluate(ref, ids, 257, 256, &a, &err) == CP_OK);
+        CHECK(cp_model_evaluate(m, ids, 257, 256, &b, &err) == CP_OK);
+        CHECK_MSG(fabs(a.loss - b.loss) < 2e-2 * a.loss, "%s: loss %g vs float32 %g",
+                  cp_dtype_name(dtypes[d]), b.loss, a.loss);
+        CHECK_MSG(a.loss != b.loss, "%s: rounding changed nothing", cp_dtype_name(dtypes[d]));
+        cp_model_free(m);
+    }
+    cp_model_free(ref);
+}

@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "core/file.h"
 #include "ops/rope.h"
@@ -26,6 +28,17 @@ static cp_status keep_owned(cp_model *m, float *buf, cp_error *err)
     m->owned = grown;
     m->owned[m->n_owned++] = buf;
     return CP_OK;
+}
+
+/* Drops the memory-mapped pages of a tensor that was copied, so that the
+ * file's pages and the float32 copy are not both resident. The map is
+ * read-only and file-backed: a later read faults the pages in again. */
+static void release_mapped_pages(const void *data, size_t nbytes)
+{
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t begin = (uintptr_t)data & ~(page - 1);
+    uintptr_t end = ((uintptr_t)data + nbytes + page - 1) & ~(page - 1);
+    madvise((void *)begin, end - begin, MADV_DONTNEED);
 }
 
 static void format_shape(char *buf, size_t size, const int64_t *shape, int ndim)
@@ -64,8 +77,9 @@ static cp_status bind(cp_model *m, const char *name, int64_t rows, int64_t cols,
         *out = t->data;
         return CP_OK;
     }
-    /* NOTE: F16/BF16 weights are widened to float32 here, doubling or
-     * tripling their memory; compute in the stored dtype is not done yet. */
+    /* NOTE: F16/BF16 weights are widened to float32 here, so they take
+     * twice their file size in memory; compute in the stored dtype is not
+     * done yet. */
     size_t n = cp_st_tensor_numel(t);
     float *buf = malloc(n * sizeof *buf);
     if (!buf)
@@ -81,6 +95,7 @@ static cp_status bind(cp_model *m, const char *name, int64_t rows, int64_t cols,
             cp_dtype_to_f32(t->dtype, &raw, buf + i, 1);
         }
     }
+    release_mapped_pages(t->data, t->nbytes);
     *out = buf;
     return keep_owned(m, buf, err);
 }

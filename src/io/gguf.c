@@ -1,0 +1,419 @@
+/*
+ * GGUF reader: parses the header, metadata and tensor descriptions of a
+ * read-only map and validates them against the file size.
+ *
+ * Layout (little-endian): "GGUF", u32 version, u64 tensor count, u64 key
+ * count, the key/value pairs, the tensor descriptions, padding up to the
+ * alignment, then the data section. Strings are a u64 length and the bytes.
+ * Rejected with CP_ERR_INPUT: versions other than 2 and 3, truncation,
+ * lengths or counts past the file, bools other than 0 and 1, duplicate keys
+ * or tensor names, unknown value or tensor types, more than 4 dimensions,
+ * overflowing sizes, and tensor data misaligned, past the end or overlapping.
+ */
+#include "io/gguf.h"
+
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/dtype.h"
+#include "core/file.h"
+
+#define GGUF_MAGIC "GGUF"
+
+/* Nested arrays deeper than this are rejected, which bounds the recursion. */
+#define MAX_ARRAY_DEPTH 8
+
+#define HINT_CORRUPT "the file is truncated or corrupt, re-download it or re-export it with llama.cpp's convert_hf_to_gguf.py"
+
+struct cp_gguf_kv {
+    const uint8_t *base;  /* the start of the map */
+    cp_gguf_str key;
+    cp_gguf_type type;
+    uint64_t value_pos;   /* file offset of the value (of the first element for arrays) */
+    cp_gguf_type elem_type;  /* arrays only */
+    uint64_t n_elems;        /* arrays only */
+    uint64_t *elem_pos;      /* string arrays: file offset of each element */
+};
+
+struct cp_gguf {
+    char *path;
+    cp_mapped_file map;
+    uint32_t version;
+    uint32_t alignment;
+    uint64_t data_start;
+    cp_gguf_kv *kvs;          /* file order */
+    size_t n_kvs;
+    cp_gguf_kv **kv_sorted;   /* by key, for lookup */
+    cp_gguf_tensor *tensors;  /* file order */
+    size_t n_tensors;
+    cp_gguf_tensor **tensor_sorted;  /* by name, for lookup */
+};
+
+/* A cursor over the map. Every read checks the bytes left first. */
+typedef struct reader {
+    const uint8_t *data;
+    uint64_t size;
+    uint64_t pos;
+    const char *path;
+    cp_error *err;
+} reader;
+
+/* ---- errors and primitive reads ---- */
+
+/* Fills the error as "PATH: at byte POS: MESSAGE" and returns CP_ERR_INPUT. */
+static cp_status fail_at(const reader *r, uint64_t pos, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static cp_status fail_at(const reader *r, uint64_t pos, const char *fmt, ...)
+{
+    char msg[CP_ERROR_MSG_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return cp_error_set(r->err, CP_ERR_INPUT, "%s: at byte %llu: %s", r->path,
+                        (unsigned long long)pos, msg);
+}
+
+/* Checks that n bytes of `what` remain at the cursor. */
+static cp_status need(reader *r, uint64_t n, const char *what)
+{
+    if (r->size - r->pos >= n)
+        return CP_OK;
+    return fail_at(r, r->pos, "expected %llu bytes of %s, found %llu before the end of the file; %s",
+                   (unsigned long long)n, what, (unsigned long long)(r->size - r->pos),
+                   HINT_CORRUPT);
+}
+
+static uint64_t load_le(const uint8_t *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static cp_status read_u32(reader *r, uint32_t *out, const char *what)
+{
+    cp_status s = need(r, 4, what);
+    if (s != CP_OK)
+        return s;
+    *out = (uint32_t)load_le(r->data + r->pos, 4);
+    r->pos += 4;
+    return CP_OK;
+}
+
+static cp_status read_u64(reader *r, uint64_t *out, const char *what)
+{
+    cp_status s = need(r, 8, what);
+    if (s != CP_OK)
+        return s;
+    *out = load_le(r->data + r->pos, 8);
+    r->pos += 8;
+    return CP_OK;
+}
+
+/* Reads a length-prefixed string; out points into the map. */
+static cp_status read_str(reader *r, cp_gguf_str *out, const char *what)
+{
+    uint64_t start = r->pos, len;
+    cp_status s = read_u64(r, &len, what);
+    if (s != CP_OK)
+        return s;
+    if (len > r->size - r->pos)
+        return fail_at(r, start, "%s has length %llu, but only %llu bytes remain in the file; %s",
+                       what, (unsigned long long)len, (unsigned long long)(r->size - r->pos),
+                       HINT_CORRUPT);
+    out->data = (const char *)r->data + r->pos;
+    out->len = len;
+    r->pos += len;
+    return CP_OK;
+}
+
+static int mul_u64(uint64_t a, uint64_t b, uint64_t *out)
+{
+    if (a != 0 && b > UINT64_MAX / a)
+        return 0;
+    *out = a * b;
+    return 1;
+}
+
+static int str_cmp(cp_gguf_str a, cp_gguf_str b)
+{
+    uint64_t n = a.len < b.len ? a.len : b.len;
+    int c = n ? memcmp(a.data, b.data, (size_t)n) : 0;
+    if (c != 0)
+        return c;
+    return a.len < b.len ? -1 : a.len > b.len;
+}
+
+/* Shortens long strings in messages. */
+static int print_len(cp_gguf_str s) { return s.len > 200 ? 200 : (int)s.len; }
+
+/* ---- metadata values ---- */
+
+static const char *value_type_name(uint32_t t)
+{
+    static const char *names[] = {"uint8", "int8",  "uint16", "int16",  "uint32",
+                                  "int32", "float32", "bool", "string", "array",
+                                  "uint64", "int64", "float64"};
+    return t < sizeof names / sizeof names[0] ? names[t] : "unknown";
+}
+
+/* Bytes of one fixed-size value, or 0 for strings, arrays and unknown ids. */
+static uint64_t value_size(uint32_t t)
+{
+    switch (t) {
+    case CP_GGUF_TYPE_UINT8: case CP_GGUF_TYPE_INT8: case CP_GGUF_TYPE_BOOL:
+        return 1;
+    case CP_GGUF_TYPE_UINT16: case CP_GGUF_TYPE_INT16:
+        return 2;
+    case CP_GGUF_TYPE_UINT32: case CP_GGUF_TYPE_INT32: case CP_GGUF_TYPE_FLOAT32:
+        return 4;
+    case CP_GGUF_TYPE_UINT64: case CP_GGUF_TYPE_INT64: case CP_GGUF_TYPE_FLOAT64:
+        return 8;
+    default:
+        return 0;
+    }
+}
+
+static cp_status check_value_type(reader *r, uint64_t pos, uint32_t t)
+{
+    if (t <= CP_GGUF_TYPE_FLOAT64)
+        return CP_OK;
+    return fail_at(r, pos, "expected a value type id from 0 to 12, found %u; %s", t, HINT_CORRUPT);
+}
+
+/* Reads count fixed-size values of type t, checking bools are 0 or 1. */
+static cp_status skip_fixed(reader *r, uint32_t t, uint64_t count)
+{
+    uint64_t size = value_size(t), start = r->pos;
+    if (count > (r->size - r->pos) / size)
+        return fail_at(r, start, "expected %llu %s values, but only %llu bytes remain in the file; %s",
+                       (unsigned long long)count, value_type_name(t),
+                       (unsigned long long)(r->size - r->pos), HINT_CORRUPT);
+    if (t == CP_GGUF_TYPE_BOOL) {
+        for (uint64_t i = 0; i < count; i++)
+            if (r->data[start + i] > 1)
+                return fail_at(r, start + i, "expected a bool (0 or 1), found %u; %s",
+                               r->data[start + i], HINT_CORRUPT);
+    }
+    r->pos += count * size;
+    return CP_OK;
+}
+
+static cp_status skip_value(reader *r, uint32_t t, int depth);
+
+/* Reads an array's element type and count, then its elements. For string
+ * arrays, positions (when not NULL) receives the offset of each element. */
+static cp_status skip_array(reader *r, int depth, uint32_t *elem_type, uint64_t *count,
+                            uint64_t **positions)
+{
+    uint64_t type_pos = r->pos;
+    cp_status s = read_u32(r, elem_type, "array element type");
+    if (s == CP_OK)
+        s = check_value_type(r, type_pos, *elem_type);
+    uint64_t count_pos = r->pos;
+    if (s == CP_OK)
+        s = read_u64(r, count, "array length");
+    if (s != CP_OK)
+        return s;
+    if (value_size(*elem_type) != 0)
+        return skip_fixed(r, *elem_type, *count);
+
+    /* Strings take at least 8 bytes each and nested arrays 12, so a count
+     * that passes this check also bounds the position table below. */
+    uint64_t min_size = *elem_type == CP_GGUF_TYPE_STRING ? 8 : 12;
+    if (*count > (r->size - r->pos) / min_size)
+        return fail_at(r, count_pos, "array of %llu %s values needs at least %llu bytes each, but only %llu bytes remain; %s",
+                       (unsigned long long)*count, value_type_name(*elem_type),
+                       (unsigned long long)min_size, (unsigned long long)(r->size - r->pos),
+                       HINT_CORRUPT);
+    if (depth >= MAX_ARRAY_DEPTH)
+        return fail_at(r, type_pos, "arrays nested deeper than %d levels; %s", MAX_ARRAY_DEPTH,
+                       HINT_CORRUPT);
+
+    uint64_t *pos_table = NULL;
+    if (positions && *elem_type == CP_GGUF_TYPE_STRING && *count > 0) {
+        pos_table = malloc((size_t)*count * sizeof *pos_table);
+        if (!pos_table)
+            return cp_error_nomem(r->err, "GGUF string array offsets", (size_t)*count * sizeof *pos_table);
+    }
+    for (uint64_t i = 0; i < *count && s == CP_OK; i++) {
+        if (pos_table)
+            pos_table[i] = r->pos;
+        s = skip_value(r, *elem_type, depth + 1);
+    }
+    if (s != CP_OK) {
+        free(pos_table);
+        return s;
+    }
+    if (positions)
+        *positions = pos_table;
+    return CP_OK;
+}
+
+/* Reads one value of type t (already checked to be a known id). */
+static cp_status skip_value(reader *r, uint32_t t, int depth)
+{
+    if (t == CP_GGUF_TYPE_STRING) {
+        cp_gguf_str ignored;
+        return read_str(r, &ignored, "string value");
+    }
+    if (t == CP_GGUF_TYPE_ARRAY) {
+        uint32_t elem_type;
+        uint64_t count;
+        return skip_array(r, depth, &elem_type, &count, NULL);
+    }
+    return skip_fixed(r, t, 1);
+}
+
+/* Reads one key/value pair into kv. */
+static cp_status read_kv(reader *r, cp_gguf_kv *kv)
+{
+    uint32_t type;
+    cp_status s = read_str(r, &kv->key, "metadata key");
+    uint64_t type_pos = r->pos;
+    if (s == CP_OK)
+        s = read_u32(r, &type, "metadata value type");
+    if (s == CP_OK)
+        s = check_value_type(r, type_pos, type);
+    if (s != CP_OK)
+        return s;
+
+    kv->base = r->data;
+    kv->type = (cp_gguf_type)type;
+    if (type != CP_GGUF_TYPE_ARRAY) {
+        kv->value_pos = r->pos;
+        return skip_value(r, type, 0);
+    }
+    /* The elements follow a u32 element type and a u64 count. */
+    uint32_t elem_type;
+    kv->value_pos = r->pos + 12;
+    s = skip_array(r, 1, &elem_type, &kv->n_elems, &kv->elem_pos);
+    kv->elem_type = (cp_gguf_type)elem_type;
+    return s;
+}
+
+/* ---- tensor types ---- */
+
+const char *cp_ggml_type_name(uint32_t type)
+{
+    static const char *names[] = {
+        "F32",     "F16",    "Q4_0",    "Q4_1",  "Q4_2",  "Q4_3",   "Q5_0",   "Q5_1",
+        "Q8_0",    "Q8_1",   "Q2_K",    "Q3_K",  "Q4_K",  "Q5_K",   "Q6_K",   "Q8_K",
+        "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S",  "IQ4_XS",
+        "I8",      "I16",    "I32",     "I64",   "F64",   "IQ1_M",  "BF16",   "Q4_0_4_4",
+        "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8",
+        "MXFP4"};
+    return type < sizeof names / sizeof names[0] ? names[type] : "unknown";
+}
+
+static int type_supported(uint32_t type)
+{
+    return type == CP_GGML_TYPE_F32 || type == CP_GGML_TYPE_F16 || type == CP_GGML_TYPE_BF16 ||
+           type == CP_GGML_TYPE_Q8_0 || type == CP_GGML_TYPE_Q4_0;
+}
+
+/* Elements per block and bytes per block. */
+static void type_block(cp_ggml_type type, uint64_t *block_elems, uint64_t *block_bytes)
+{
+    switch (type) {
+    case CP_GGML_TYPE_F32:
+        *block_elems = 1, *block_bytes = 4;
+        return;
+    case CP_GGML_TYPE_F16:
+    case CP_GGML_TYPE_BF16:
+        *block_elems = 1, *block_bytes = 2;
+        return;
+    case CP_GGML_TYPE_Q8_0:
+        *block_elems = 32, *block_bytes = 2 + 32;
+        return;
+    case CP_GGML_TYPE_Q4_0:
+        *block_elems = 32, *block_bytes = 2 + 16;
+        return;
+    }
+    CP_ASSERT(!"unsupported ggml type");
+}
+
+int cp_ggml_row_bytes(cp_ggml_type type, uint64_t n, uint64_t *bytes)
+{
+    uint64_t block_elems, block_bytes;
+    type_block(type, &block_elems, &block_bytes);
+    if (n % block_elems != 0)
+        return 0;
+    return mul_u64(n / block_elems, block_bytes, bytes);
+}
+
+/* ---- tensor descriptions ---- */
+
+/* Reads the dims of t and computes its element count and byte size. */
+static cp_status read_dims(reader *r, cp_gguf_tensor *t)
+{
+    uint64_t pos = r->pos;
+    uint32_t n_dims;
+    cp_status s = read_u32(r, &n_dims, "tensor dimension count");
+    if (s != CP_OK)
+        return s;
+    if (n_dims < 1 || n_dims > CP_GGUF_MAX_DIMS)
+        return fail_at(r, pos, "tensor '%.*s' has %u dimensions, expected 1 to %d; %s",
+                       print_len(t->name), t->name.data, n_dims, CP_GGUF_MAX_DIMS, HINT_CORRUPT);
+    t->n_dims = (int)n_dims;
+
+    uint64_t n_elements = 1;
+    for (int d = 0; d < CP_GGUF_MAX_DIMS; d++) {
+        t->dims[d] = 1;
+        if (d >= t->n_dims)
+            continue;
+        pos = r->pos;
+        s = read_u64(r, &t->dims[d], "tensor dimension");
+        if (s != CP_OK)
+            return s;
+        if (t->dims[d] > INT64_MAX || !mul_u64(n_elements, t->dims[d], &n_elements))
+            return fail_at(r, pos, "tensor '%.*s': dimension %d is %llu, and the element count overflows 64 bits; %s",
+                           print_len(t->name), t->name.data, d, (unsigned long long)t->dims[d],
+                           HINT_CORRUPT);
+    }
+    t->n_elements = n_elements;
+    return CP_OK;
+}
+
+/* Checks the type of t and sets its byte size. type_pos is for messages. */
+static cp_status check_tensor_type(reader *r, cp_gguf_tensor *t, uint32_t type, uint64_t type_pos)
+{
+    if (!type_supported(type))
+        return fail_at(r, type_pos, "tensor '%.*s' has ggml type %s (id %u), expected F32, F16, BF16, Q8_0 or Q4_0; convert the model to one of these types with llama.cpp's llama-quantize",
+                       print_len(t->name), t->name.data, cp_ggml_type_name(type), type);
+    t->type = (cp_ggml_type)type;
+
+    uint64_t block_elems, block_bytes, row_bytes, total;
+    type_block(t->type, &block_elems, &block_bytes);
+    if (!cp_ggml_row_bytes(t->type, t->dims[0], &row_bytes))
+        return fail_at(r, type_pos, "tensor '%.*s' of type %s has %llu elements per row, expected a multiple of the block size %llu; %s",
+                       print_len(t->name), t->name.data, cp_ggml_type_name(type),
+                       (unsigned long long)t->dims[0], (unsigned long long)block_elems, HINT_CORRUPT);
+    if (t->dims[0] == 0)
+        total = 0;
+    else if (!mul_u64(row_bytes, t->n_elements / t->dims[0], &total) || total > SIZE_MAX)
+        return fail_at(r, type_pos, "tensor '%.*s': the byte size overflows; %s",
+                       print_len(t->name), t->name.data, HINT_CORRUPT);
+    t->n_bytes = (size_t)total;
+    return CP_OK;
+}
+
+static cp_status read_tensor_info(reader *r, cp_gguf_tensor *t)
+{
+    cp_status s = read_str(r, &t->name, "tensor name");
+    if (s == CP_OK)
+        s = read_dims(r, t);
+    uint64_t type_pos = r->pos;
+    uint32_t type;
+    if (s == CP_OK)
+        s = read_u32(r, &type, "tensor type");
+    if (s == CP_OK)
+        s = read_u64(r, &t->offset, "tensor data offset");
+    if (s == CP_OK)
+        s = check_tensor_type(r, t, type, type_pos);
+    return s;
+}

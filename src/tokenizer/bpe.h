@@ -1,0 +1,79 @@
+/*
+ * Byte-level BPE tokenizer in the style of GPT-2: reads a Hugging Face
+ * `tokenizer.json` (model type BPE, ByteLevel pre-tokenizer) or a
+ * `vocab.json` + `merges.txt` pair, and encodes and decodes text.
+ *
+ * Supported: GPT-2's pre-tokenizer pattern, merges by rank, added tokens
+ * matched as whole units. Rejected with a message: normalizers, other
+ * pre-tokenizers, add_prefix_space, dropout, subword prefixes and suffixes,
+ * byte_fallback, ignore_merges, and added tokens with lstrip, rstrip or
+ * single_word. There is no BOS token.
+ */
+#ifndef CP_BPE_H
+#define CP_BPE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/error.h"
+
+/* A loaded model. Callers only read n_tokens and eos_id; the other fields
+ * are private to bpe.c. */
+typedef struct cp_bpe_model {
+    int32_t n_tokens;
+    int32_t eos_id; /* the token "<|endoftext|>", or -1 if absent */
+
+    char *token_bytes;      /* every token's raw bytes, back to back */
+    uint32_t *token_offset; /* n_tokens + 1 offsets into token_bytes */
+    uint8_t *token_special; /* 1: an added special token, decoded to no text */
+    int32_t byte_ids[256];  /* id of the token for one raw byte, -1 if absent */
+
+    int32_t *token_table; /* open-addressing hash: raw bytes to id, -1 empty */
+    uint32_t token_mask;  /* token_table size - 1 (a power of two) */
+
+    int32_t n_merges;
+    uint64_t *merge_pair;   /* n_merges: left id << 32 | right id, by rank */
+    int32_t *merge_result;  /* n_merges: the id of the merged token */
+    int32_t *merge_table;   /* open-addressing hash: pair to rank, -1 empty */
+    uint32_t merge_mask;    /* merge_table size - 1 */
+
+    int32_t n_added;
+    int32_t *added_ids;     /* added tokens, longest text first */
+    uint8_t added_first[32]; /* bit set of the first bytes of added tokens */
+} cp_bpe_model;
+
+/* Reads a Hugging Face tokenizer.json. The caller owns *out and releases it
+ * with cp_bpe_free. Bad or unsupported files give CP_ERR_INPUT with a
+ * message naming the file and the JSON key or byte offset. */
+cp_status cp_bpe_load_json(const char *path, cp_bpe_model **out, cp_error *err);
+
+/* Reads vocab.json (token to id) and merges.txt (one "left right" pair per
+ * line in rank order, after an optional "#version" first line). The token
+ * "<|endoftext|>", if present, becomes a special token and the EOS. */
+cp_status cp_bpe_load_files(const char *vocab_path, const char *merges_path, cp_bpe_model **out,
+                            cp_error *err);
+
+void cp_bpe_free(cp_bpe_model *m);
+
+/* Returns the id of the token whose raw bytes are the len bytes at bytes,
+ * or -1. Added tokens are found by their text. */
+int32_t cp_bpe_token_id(const cp_bpe_model *m, const char *bytes, size_t len);
+
+/* Returns the end of the GPT-2 pre-token that starts at byte pos of text
+ * (pos < len). Invalid UTF-8 bytes count as one punctuation character each. */
+size_t cp_bpe_pretoken_end(const char *text, size_t len, size_t pos);
+
+/* Encodes len bytes of text (may contain NUL) into a malloc'd id array owned
+ * by the caller. Added tokens are cut out first; the rest is split into
+ * pre-tokens and each is merged in O(n log n) for n bytes. A byte with no
+ * single-byte token is CP_ERR_INPUT. */
+cp_status cp_bpe_encode(const cp_bpe_model *m, const char *text, size_t len, int32_t **ids,
+                        size_t *n_ids, cp_error *err);
+
+/* Decodes ids into a malloc'd NUL-terminated string owned by the caller.
+ * Tokens become their raw bytes and special tokens produce no text. An id
+ * outside the vocabulary is CP_ERR_INPUT. */
+cp_status cp_bpe_decode(const cp_bpe_model *m, const int32_t *ids, size_t n_ids, char **text,
+                        size_t *len, cp_error *err);
+
+#endif
