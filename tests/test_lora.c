@@ -192,6 +192,16 @@ TEST(train_is_deterministic)
     CHECK(strstr(metrics, "\"tokens_per_s\": ") != NULL);
     free(metrics);
 
+    /* inspect shows the run: method, size against the base, steps. */
+    char inspect_args[600], *shown = NULL;
+    snprintf(inspect_args, sizeof inspect_args, "inspect '%s'", out1);
+    CHECK_EQ_INT(test_run_cli(inspect_args, NULL, &shown, NULL), 0);
+    CHECK_MSG(strstr(shown, "method              LORA") != NULL, "%s", shown);
+    CHECK_MSG(strstr(shown, "trainable params    8960 (3.446% of the base's 260032)") != NULL,
+              "%s", shown);
+    CHECK_MSG(strstr(shown, "steps trained       3") != NULL, "%s", shown);
+    free(shown);
+
     /* The adapter applies from the command line. */
     char args[1024];
     snprintf(args, sizeof args, "generate --model '%s' --adapter '%s' --prompt 'To be' "

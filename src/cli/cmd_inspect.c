@@ -1,4 +1,5 @@
-/* cpeft inspect: a model folder's config, tensors and parameter count. */
+/* cpeft inspect: what a model folder, a run folder or a safetensors file holds. */
+#include <cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,6 +65,96 @@ static void print_tensors(const cp_safetensors *st)
     printf("parameters: %zu (%.2f M, %zu bytes stored)\n", params, params / 1e6, bytes);
 }
 
+/* Sums the elements of every tensor in a safetensors file or folder. */
+static size_t count_params(const cp_safetensors *st)
+{
+    size_t total = 0;
+    for (size_t i = 0; i < cp_safetensors_count(st); i++)
+        total += cp_st_tensor_numel(cp_safetensors_at(st, i));
+    return total;
+}
+
+/* Prints the last step and evaluation recorded in a run's metrics.jsonl. */
+static void print_metrics_summary(const char *dir)
+{
+    char *path = cp_path_join(dir, "metrics.jsonl"), *text = NULL;
+    cp_error err = {0};
+    if (!path || cp_file_read(path, &text, NULL, &err) != CP_OK) {
+        free(path);
+        return;
+    }
+    int last_step = -1;
+    double last_eval = -1;
+    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+        cJSON *o = cJSON_Parse(line);
+        const cJSON *step = cJSON_GetObjectItem(o, "step");
+        const cJSON *eval = cJSON_GetObjectItem(o, "eval_loss");
+        if (cJSON_IsNumber(step) && step->valueint > last_step)
+            last_step = step->valueint;
+        if (cJSON_IsNumber(eval))
+            last_eval = eval->valuedouble;
+        cJSON_Delete(o);
+    }
+    if (last_step >= 0)
+        printf("  steps trained       %d\n", last_step);
+    if (last_eval >= 0)
+        printf("  last eval_loss      %.4f\n", last_eval);
+    free(text);
+    free(path);
+}
+
+/* A run folder: the adapter's settings, its size next to the base model's,
+ * and what metrics.jsonl recorded. */
+static cp_status inspect_run(const char *dir, const char *config_path, cp_error *err)
+{
+    char *text = NULL;
+    cp_status st = cp_file_read(config_path, &text, NULL, err);
+    if (st != CP_OK)
+        return st;
+    cJSON *cfg = cJSON_Parse(text);
+    free(text);
+    if (!cJSON_IsObject(cfg)) {
+        cJSON_Delete(cfg);
+        return cp_error_set(err, CP_ERR_INPUT, "%s: invalid JSON; expected a PEFT adapter config",
+                            config_path);
+    }
+    const cJSON *type = cJSON_GetObjectItem(cfg, "peft_type");
+    const cJSON *base = cJSON_GetObjectItem(cfg, "base_model_name_or_path");
+    char *targets = cJSON_PrintUnformatted(cJSON_GetObjectItem(cfg, "target_modules"));
+    printf("run: %s\n", dir);
+    printf("  method              %s\n", cJSON_IsString(type) ? type->valuestring : "unknown");
+    printf("  r                   %g\n", cJSON_GetNumberValue(cJSON_GetObjectItem(cfg, "r")));
+    printf("  lora_alpha          %g\n",
+           cJSON_GetNumberValue(cJSON_GetObjectItem(cfg, "lora_alpha")));
+    printf("  use_rslora          %s\n",
+           cJSON_IsTrue(cJSON_GetObjectItem(cfg, "use_rslora")) ? "true" : "false");
+    printf("  target_modules      %s\n", targets ? targets : "none");
+    printf("  base model          %s\n", cJSON_IsString(base) ? base->valuestring : "unknown");
+    free(targets);
+
+    char *weights_path = cp_path_join(dir, "adapter_model.safetensors");
+    cp_safetensors *adapter = NULL, *base_weights = NULL;
+    st = weights_path ? cp_safetensors_open(weights_path, &adapter, err)
+                      : cp_error_nomem(err, "a path", 0);
+    if (st == CP_OK) {
+        size_t trainable = count_params(adapter);
+        printf("  trainable params    %zu", trainable);
+        cp_error base_err = {0};
+        if (cJSON_IsString(base) &&
+            cp_safetensors_open(base->valuestring, &base_weights, &base_err) == CP_OK)
+            printf(" (%.3f%% of the base's %zu)", 100.0 * trainable / count_params(base_weights),
+                   count_params(base_weights));
+        printf("\n");
+        print_metrics_summary(dir);
+        print_tensors(adapter);
+    }
+    cp_safetensors_close(base_weights);
+    cp_safetensors_close(adapter);
+    free(weights_path);
+    cJSON_Delete(cfg);
+    return st;
+}
+
 static int run(const char *path)
 {
     cp_error err = {0};
@@ -72,6 +163,13 @@ static int run(const char *path)
     cp_status status = CP_OK;
 
     if (cp_file_is_dir(path)) {
+        char *adapter_config = cp_path_join(path, "adapter_config.json");
+        int is_run = adapter_config && cp_file_exists(adapter_config);
+        if (is_run)
+            status = inspect_run(path, adapter_config, &err);
+        free(adapter_config);
+        if (is_run)
+            return status == CP_OK ? 0 : cli_report(&err);
         char *config_path = cp_path_join(path, "config.json");
         if (!config_path)
             return cli_report(&(cp_error){CP_ERR_NOMEM, "out of memory"});
@@ -100,8 +198,9 @@ int cmd_inspect(int argc, char **argv)
         .name = "inspect",
         .usage = "PATH",
         .about = "Shows what PATH holds: for a Hugging Face model folder, its config;\n"
-                 "for a folder or a .safetensors file, every tensor's name, dtype and\n"
-                 "shape, and the parameter count.",
+                 "for a run folder, the adapter's method and settings and its trainable\n"
+                 "parameters as a share of the base model; for a folder or a .safetensors\n"
+                 "file, every tensor's name, dtype and shape, and the parameter count.",
         .positional = path,
         .max_positional = 1,
     };

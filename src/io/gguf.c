@@ -417,3 +417,289 @@ static cp_status read_tensor_info(reader *r, cp_gguf_tensor *t)
         s = check_tensor_type(r, t, type, type_pos);
     return s;
 }
+
+/* ---- sorting and duplicate checks ---- */
+
+static int compare_kv(const void *a, const void *b)
+{
+    const cp_gguf_kv *x = *(const cp_gguf_kv *const *)a, *y = *(const cp_gguf_kv *const *)b;
+    return str_cmp(x->key, y->key);
+}
+
+static int compare_tensor_name(const void *a, const void *b)
+{
+    const cp_gguf_tensor *x = *(const cp_gguf_tensor *const *)a;
+    const cp_gguf_tensor *y = *(const cp_gguf_tensor *const *)b;
+    return str_cmp(x->name, y->name);
+}
+
+static int compare_tensor_offset(const void *a, const void *b)
+{
+    const cp_gguf_tensor *x = *(const cp_gguf_tensor *const *)a;
+    const cp_gguf_tensor *y = *(const cp_gguf_tensor *const *)b;
+    if (x->offset != y->offset)
+        return x->offset < y->offset ? -1 : 1;
+    return x->n_bytes < y->n_bytes ? -1 : x->n_bytes > y->n_bytes;
+}
+
+/* File offset of the length prefix of a string that lies in the map. */
+static uint64_t str_pos(const reader *r, cp_gguf_str s)
+{
+    return (uint64_t)((const uint8_t *)s.data - r->data) - 8;
+}
+
+/* Sorts the keys for lookup and rejects a key that occurs twice. */
+static cp_status index_kvs(reader *r, cp_gguf *g)
+{
+    if (g->n_kvs == 0)
+        return CP_OK;
+    g->kv_sorted = malloc(g->n_kvs * sizeof *g->kv_sorted);
+    if (!g->kv_sorted)
+        return cp_error_nomem(r->err, "GGUF key index", g->n_kvs * sizeof *g->kv_sorted);
+    for (size_t i = 0; i < g->n_kvs; i++)
+        g->kv_sorted[i] = &g->kvs[i];
+    qsort(g->kv_sorted, g->n_kvs, sizeof *g->kv_sorted, compare_kv);
+    for (size_t i = 1; i < g->n_kvs; i++) {
+        const cp_gguf_kv *a = g->kv_sorted[i - 1], *b = g->kv_sorted[i];
+        if (str_cmp(a->key, b->key) != 0)
+            continue;
+        if (a > b) {
+            const cp_gguf_kv *tmp = a;
+            a = b, b = tmp;
+        }
+        return fail_at(r, str_pos(r, b->key), "duplicate metadata key '%.*s', first defined at byte %llu; expected each key once; %s",
+                       print_len(b->key), b->key.data, (unsigned long long)str_pos(r, a->key),
+                       HINT_CORRUPT);
+    }
+    return CP_OK;
+}
+
+/* Sorts the tensors for lookup and rejects a name that occurs twice. */
+static cp_status index_tensors(reader *r, cp_gguf *g)
+{
+    if (g->n_tensors == 0)
+        return CP_OK;
+    g->tensor_sorted = malloc(g->n_tensors * sizeof *g->tensor_sorted);
+    if (!g->tensor_sorted)
+        return cp_error_nomem(r->err, "GGUF tensor index", g->n_tensors * sizeof *g->tensor_sorted);
+    for (size_t i = 0; i < g->n_tensors; i++)
+        g->tensor_sorted[i] = &g->tensors[i];
+    qsort(g->tensor_sorted, g->n_tensors, sizeof *g->tensor_sorted, compare_tensor_name);
+    for (size_t i = 1; i < g->n_tensors; i++) {
+        const cp_gguf_tensor *a = g->tensor_sorted[i - 1], *b = g->tensor_sorted[i];
+        if (str_cmp(a->name, b->name) != 0)
+            continue;
+        if (a > b) {
+            const cp_gguf_tensor *tmp = a;
+            a = b, b = tmp;
+        }
+        return fail_at(r, str_pos(r, b->name), "duplicate tensor name '%.*s', first defined at byte %llu; expected each name once; %s",
+                       print_len(b->name), b->name.data, (unsigned long long)str_pos(r, a->name),
+                       HINT_CORRUPT);
+    }
+    return CP_OK;
+}
+
+/* ---- header, metadata, tensor data ---- */
+
+static cp_status read_header(reader *r, cp_gguf *g, uint64_t *n_tensors, uint64_t *n_kvs)
+{
+    cp_status s = need(r, 4, "magic \"GGUF\"");
+    if (s != CP_OK)
+        return s;
+    if (memcmp(r->data, GGUF_MAGIC, 4) != 0)
+        return fail_at(r, 0, "expected the magic \"GGUF\", found bytes %02x %02x %02x %02x; the file is not a GGUF file, pass a .gguf file",
+                       r->data[0], r->data[1], r->data[2], r->data[3]);
+    r->pos = 4;
+
+    s = read_u32(r, &g->version, "version");
+    if (s != CP_OK)
+        return s;
+    if (g->version == 1)
+        return fail_at(r, 4, "GGUF version 1 is not supported, expected version 2 or 3; convert the model again with a current llama.cpp");
+    if (g->version != 2 && g->version != 3)
+        return fail_at(r, 4, "expected GGUF version 2 or 3, found %u%s", g->version,
+                       (g->version & 0xffff) == 0 ? " (a big-endian file?); cpeft reads little-endian GGUF files only, convert it again without --bigendian"
+                                                  : "; check that the file is a GGUF file and convert it again with llama.cpp");
+
+    uint64_t count_pos = r->pos;
+    s = read_u64(r, n_tensors, "tensor count");
+    if (s == CP_OK)
+        s = read_u64(r, n_kvs, "metadata key/value count");
+    if (s != CP_OK)
+        return s;
+
+    /* A tensor description takes at least 32 bytes and a key/value pair at
+     * least 13, which bounds both counts before anything is allocated. */
+    uint64_t left = r->size - r->pos;
+    if (*n_tensors > left / 32)
+        return fail_at(r, count_pos, "tensor count %llu needs at least %llu bytes, but only %llu remain; %s",
+                       (unsigned long long)*n_tensors, (unsigned long long)*n_tensors * 32,
+                       (unsigned long long)left, HINT_CORRUPT);
+    if (*n_kvs > left / 13)
+        return fail_at(r, count_pos + 8, "metadata key/value count %llu needs at least %llu bytes, but only %llu remain; %s",
+                       (unsigned long long)*n_kvs, (unsigned long long)*n_kvs * 13,
+                       (unsigned long long)left, HINT_CORRUPT);
+    return CP_OK;
+}
+
+/* Sets g->alignment from general.alignment, 32 when absent. */
+static cp_status read_alignment(reader *r, cp_gguf *g)
+{
+    g->alignment = CP_GGUF_DEFAULT_ALIGNMENT;
+    const cp_gguf_kv *kv = cp_gguf_find_kv(g, "general.alignment");
+    if (!kv)
+        return CP_OK;
+    uint64_t pos = str_pos(r, kv->key);
+    if (kv->type != CP_GGUF_TYPE_UINT32)
+        return fail_at(r, pos, "general.alignment has type %s, expected uint32; %s",
+                       value_type_name(kv->type), HINT_CORRUPT);
+    uint32_t a = (uint32_t)load_le(r->data + kv->value_pos, 4);
+    if (a == 0 || (a & (a - 1)) != 0)
+        return fail_at(r, pos, "general.alignment is %u, expected a power of two; %s", a, HINT_CORRUPT);
+    g->alignment = a;
+    return CP_OK;
+}
+
+static cp_status read_kvs(reader *r, cp_gguf *g, uint64_t n_kvs)
+{
+    if (n_kvs > 0) {
+        g->kvs = calloc((size_t)n_kvs, sizeof *g->kvs);
+        if (!g->kvs)
+            return cp_error_nomem(r->err, "GGUF metadata", (size_t)n_kvs * sizeof *g->kvs);
+    }
+    for (uint64_t i = 0; i < n_kvs; i++) {
+        cp_status s = read_kv(r, &g->kvs[i]);
+        g->n_kvs = (size_t)i + (s == CP_OK || g->kvs[i].elem_pos);
+        if (s != CP_OK)
+            return s;
+    }
+    cp_status s = index_kvs(r, g);
+    if (s == CP_OK)
+        s = read_alignment(r, g);
+    return s;
+}
+
+/* Checks each tensor's offset against the alignment and the data section,
+ * and rejects overlaps. info_pos holds the file offset of each description. */
+static cp_status place_tensors(reader *r, cp_gguf *g, const uint64_t *info_pos)
+{
+    uint64_t data_size = r->size - g->data_start;
+    for (size_t i = 0; i < g->n_tensors; i++) {
+        cp_gguf_tensor *t = &g->tensors[i];
+        if (t->offset % g->alignment != 0)
+            return fail_at(r, info_pos[i], "tensor '%.*s' has data offset %llu, expected a multiple of the alignment %u; %s",
+                           print_len(t->name), t->name.data, (unsigned long long)t->offset,
+                           g->alignment, HINT_CORRUPT);
+        if (t->offset > data_size || t->n_bytes > data_size - t->offset)
+            return fail_at(r, info_pos[i], "tensor '%.*s' spans bytes %llu to %llu of the data section, which holds %llu bytes; %s",
+                           print_len(t->name), t->name.data, (unsigned long long)t->offset,
+                           (unsigned long long)t->offset + t->n_bytes, (unsigned long long)data_size,
+                           HINT_CORRUPT);
+        t->data = r->data + g->data_start + t->offset;
+    }
+
+    cp_gguf_tensor **order = malloc(g->n_tensors * sizeof *order);
+    if (!order)
+        return cp_error_nomem(r->err, "GGUF tensor order", g->n_tensors * sizeof *order);
+    for (size_t i = 0; i < g->n_tensors; i++)
+        order[i] = &g->tensors[i];
+    qsort(order, g->n_tensors, sizeof *order, compare_tensor_offset);
+    cp_status s = CP_OK;
+    for (size_t i = 1; i < g->n_tensors && s == CP_OK; i++) {
+        const cp_gguf_tensor *a = order[i - 1], *b = order[i];
+        if (b->offset - a->offset < a->n_bytes)
+            s = fail_at(r, info_pos[b - g->tensors], "tensor '%.*s' (data bytes %llu to %llu) overlaps tensor '%.*s' (bytes %llu to %llu); %s",
+                        print_len(b->name), b->name.data, (unsigned long long)b->offset,
+                        (unsigned long long)(b->offset + b->n_bytes), print_len(a->name), a->name.data,
+                        (unsigned long long)a->offset, (unsigned long long)(a->offset + a->n_bytes),
+                        HINT_CORRUPT);
+    }
+    free(order);
+    return s;
+}
+
+static cp_status read_tensors(reader *r, cp_gguf *g, uint64_t n_tensors)
+{
+    if (n_tensors == 0) {
+        g->data_start = r->pos;
+        return CP_OK;
+    }
+    g->tensors = calloc((size_t)n_tensors, sizeof *g->tensors);
+    uint64_t *info_pos = malloc((size_t)n_tensors * sizeof *info_pos);
+    if (!g->tensors || !info_pos) {
+        free(info_pos);
+        return cp_error_nomem(r->err, "GGUF tensors", (size_t)n_tensors * sizeof *g->tensors);
+    }
+    cp_status s = CP_OK;
+    for (uint64_t i = 0; i < n_tensors && s == CP_OK; i++) {
+        info_pos[i] = r->pos;
+        s = read_tensor_info(r, &g->tensors[i]);
+    }
+    if (s == CP_OK) {
+        g->n_tensors = (size_t)n_tensors;
+        s = index_tensors(r, g);
+    }
+
+    /* The data section starts at the first aligned offset after the
+     * descriptions. pos <= size and alignment < 2^32, so this cannot wrap. */
+    uint64_t start = (r->pos + g->alignment - 1) / g->alignment * g->alignment;
+    if (s == CP_OK && start > r->size)
+        s = fail_at(r, r->pos, "expected the data section at byte %llu, but the file ends at byte %llu; %s",
+                    (unsigned long long)start, (unsigned long long)r->size, HINT_CORRUPT);
+    if (s == CP_OK) {
+        g->data_start = start;
+        s = place_tensors(r, g, info_pos);
+    }
+    free(info_pos);
+    return s;
+}
+
+/* ---- open and close ---- */
+
+cp_status cp_gguf_open(const char *path, cp_gguf **out, cp_error *err)
+{
+    *out = NULL;
+    cp_gguf *g = calloc(1, sizeof *g);
+    if (!g)
+        return cp_error_nomem(err, "GGUF file", sizeof *g);
+    g->path = strdup(path);
+    if (!g->path) {
+        free(g);
+        return cp_error_nomem(err, "GGUF path", strlen(path) + 1);
+    }
+    cp_status s = cp_file_map(path, &g->map, err);
+    if (s != CP_OK) {
+        cp_gguf_close(g);
+        return s;
+    }
+
+    reader r = {g->map.data, g->map.size, 0, g->path, err};
+    uint64_t n_tensors = 0, n_kvs = 0;
+    s = read_header(&r, g, &n_tensors, &n_kvs);
+    if (s == CP_OK)
+        s = read_kvs(&r, g, n_kvs);
+    if (s == CP_OK)
+        s = read_tensors(&r, g, n_tensors);
+    if (s != CP_OK) {
+        cp_gguf_close(g);
+        return s;
+    }
+    *out = g;
+    return CP_OK;
+}
+
+void cp_gguf_close(cp_gguf *g)
+{
+    if (!g)
+        return;
+    for (size_t i = 0; i < g->n_kvs; i++)
+        free(g->kvs[i].elem_pos);
+    free(g->kvs);
+    free(g->kv_sorted);
+    free(g->tensors);
+    free(g->tensor_sorted);
+    cp_mapped_file_free(&g->map);
+    free(g->path);
+    free(g);
+}
