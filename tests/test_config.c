@@ -57,7 +57,7 @@ TEST(config_defaults_and_options)
                      &c, &err) == CP_OK);
     CHECK_EQ_INT(c.head_dim, 16);
     CHECK_EQ_INT(c.n_kv_heads, 2);
-    CHECK_EQ_INT(c.sliding_window, 4096);
+    CHECK_EQ_INT(c.sliding_window, 0); /* Llama has no sliding window, as in transformers */
     CHECK_EQ_INT(c.n_eos_ids, 3);
     CHECK_EQ_INT(c.eos_ids[2], 128009);
 
@@ -74,6 +74,47 @@ TEST(config_defaults_and_options)
     CHECK_EQ_INT(c.rope_scaling, CP_ROPE_SCALING_LINEAR);
     CHECK(parse_with("\"rope_scaling\": null, \"sliding_window\": null", &c, &err) == CP_OK);
     CHECK_EQ_INT(c.rope_scaling, CP_ROPE_SCALING_NONE);
+
+    CHECK(parse_with("\"attention_bias\": true, \"mlp_bias\": true", &c, &err) == CP_OK);
+    CHECK_EQ_INT(c.qkv_bias, 1);
+    CHECK_EQ_INT(c.o_bias, 1);
+    CHECK_EQ_INT(c.mlp_bias, 1);
+}
+
+TEST(config_type_specific_settings)
+{
+    cp_model_config c;
+    cp_error err = {0};
+    const char *mistral = "{\"model_type\": \"mistral\", \"hidden_size\": 64, "
+                          "\"intermediate_size\": 172, \"num_hidden_layers\": 2, "
+                          "\"num_attention_heads\": 8, \"vocab_size\": 512, \"sliding_window\": 4096}";
+    CHECK(cp_config_parse(mistral, "config.json", &c, &err) == CP_OK);
+    CHECK_EQ_INT(c.sliding_window, 4096);
+    CHECK_EQ_INT(c.qkv_bias, 0);
+
+    /* Qwen2: q/k/v biases, and sliding_window ignored unless use_sliding_window. */
+    const char *qwen2 = "{\"model_type\": \"qwen2\", \"hidden_size\": 64, "
+                        "\"intermediate_size\": 172, \"num_hidden_layers\": 2, "
+                        "\"num_attention_heads\": 8, \"vocab_size\": 512, "
+                        "\"sliding_window\": 4096, \"use_sliding_window\": false}";
+    CHECK(cp_config_parse(qwen2, "config.json", &c, &err) == CP_OK);
+    CHECK_EQ_INT(c.sliding_window, 0);
+    CHECK_EQ_INT(c.qkv_bias, 1);
+    CHECK_EQ_INT(c.o_bias, 0);
+    CHECK_EQ_INT(c.mlp_bias, 0);
+
+    const char *windowed = "{\"model_type\": \"qwen2\", \"hidden_size\": 64, "
+                           "\"intermediate_size\": 172, \"num_hidden_layers\": 2, "
+                           "\"num_attention_heads\": 8, \"vocab_size\": 512, "
+                           "\"use_sliding_window\": true}";
+    CHECK_EQ_INT(cp_config_parse(windowed, "config.json", &c, &err), CP_ERR_INPUT);
+    CHECK(strstr(err.msg, "use_sliding_window") != NULL);
+
+    const char *negative = "{\"model_type\": \"mistral\", \"hidden_size\": 64, "
+                           "\"intermediate_size\": 172, \"num_hidden_layers\": 2, "
+                           "\"num_attention_heads\": 8, \"vocab_size\": 512, \"sliding_window\": -1}";
+    CHECK_EQ_INT(cp_config_parse(negative, "config.json", &c, &err), CP_ERR_INPUT);
+    CHECK(strstr(err.msg, "sliding_window") != NULL);
 }
 
 TEST(config_rejections)
@@ -85,7 +126,7 @@ TEST(config_rejections)
         {"{\"model_type\": \"llama\", ", "invalid JSON"},
         {"[1, 2]", "JSON object"},
         {"{\"hidden_size\": 64}", "model_type"},
-        {"{\"model_type\": \"gpt_neox\"}", "\"gpt_neox\" is not supported"},
+        {"{\"model_type\": \"gpt_neox\"}", "\"gpt_neox\" is not supported; supported: llama, mistral, qwen2"},
         {"{\"model_type\": \"llama\", \"hidden_size\": 64}", "\"intermediate_size\""},
         {"{\"model_type\": \"llama\", \"hidden_size\": 64.5, \"intermediate_size\": 1, "
          "\"num_hidden_layers\": 1, \"num_attention_heads\": 1, \"vocab_size\": 4}",
@@ -116,8 +157,7 @@ TEST(config_rejects_unsupported_settings)
         {"\"rope_scaling\": {\"rope_type\": \"linear\"}", "rope_scaling: missing key \"factor\""},
         {"\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}", "low_freq_factor"},
         {"\"rope_scaling\": 3", "must be an object"},
-        {"\"attention_bias\": true", "\"attention_bias\": true is not supported"},
-        {"\"mlp_bias\": true", "mlp_bias"},
+        {"\"attention_bias\": 1", "\"attention_bias\" must be true or false"},
         {"\"hidden_act\": \"gelu\"", "hidden_act \"gelu\" is not supported"},
         {"\"num_key_value_heads\": 3", "multiple of num_key_value_heads"},
         {"\"num_key_value_heads\": 0", "must be positive"},
@@ -129,7 +169,6 @@ TEST(config_rejects_unsupported_settings)
         {"\"bos_token_id\": 600", "outside vocab_size"},
         {"\"eos_token_id\": [2, 9999]", "eos_token_id 9999 is outside"},
         {"\"eos_token_id\": \"2\"", "eos_token_id"},
-        {"\"sliding_window\": -1", "sliding_window"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         cp_model_config c;

@@ -1,8 +1,8 @@
 /*
  * The decoder against independent references: llama2.c's greedy output for
  * stories260K, PyTorch logits for small random checkpoints that exercise
- * GQA, sliding windows, explicit head_dim, untied heads and RoPE scaling
- * (tools/ref_llama.py make-tiny), and PyTorch's eval loss on tinyshakespeare.
+ * GQA, sliding windows, explicit head_dim, untied heads, RoPE scaling and
+ * bias terms (tools/ref_llama.py make-tiny), and PyTorch's eval loss on tinyshakespeare.
  */
 #include <cJSON.h>
 #include <stdlib.h>
@@ -91,6 +91,8 @@ static void check_tiny_fixture(const char *name)
 TEST(forward_mistral_sliding_window) { check_tiny_fixture("tiny-mistral"); }
 TEST(forward_llama3_rope_scaling) { check_tiny_fixture("tiny-llama3"); }
 TEST(forward_linear_rope_scaling) { check_tiny_fixture("tiny-linear"); }
+TEST(forward_qwen2_qkv_bias) { check_tiny_fixture("tiny-qwen2"); }
+TEST(forward_llama_all_biases) { check_tiny_fixture("tiny-llama-bias"); }
 
 TEST(generate_matches_llama2c_golden)
 {

@@ -120,13 +120,12 @@ def write_safetensors(path, tensors):
 def parse_config(raw):
     """Return the fields the forward pass uses, with Hugging Face's defaults for missing keys."""
     model_type = raw.get("model_type", "llama")
-    if model_type not in ("llama", "mistral"):
-        raise ValueError(f"model_type {model_type!r} is not supported (expected llama or mistral)")
+    if model_type not in ("llama", "mistral", "qwen2"):
+        raise ValueError(f"model_type {model_type!r} is not supported (expected llama, mistral or qwen2)")
     if raw.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported (expected silu)")
-    for key in ("attention_bias", "mlp_bias"):
-        if raw.get(key, False):
-            raise ValueError(f"{key}=true is not supported: the reference has no bias terms")
+    if model_type == "qwen2" and raw.get("use_sliding_window", False):
+        raise ValueError("use_sliding_window=true is not supported for qwen2")
 
     hidden = raw["hidden_size"]
     heads = raw["num_attention_heads"]
@@ -143,6 +142,13 @@ def parse_config(raw):
         "rms_norm_eps": raw.get("rms_norm_eps", 1e-6),
         # LlamaConfig and MistralConfig both default to untied embeddings.
         "tie_word_embeddings": raw.get("tie_word_embeddings", False),
+        # Bias terms: Qwen2Attention gives q, k and v a bias (o_proj none);
+        # LlamaAttention's attention_bias adds one to all four projections and
+        # LlamaMLP's mlp_bias to gate, up and down (transformers modeling_qwen2.py
+        # and modeling_llama.py).
+        "qkv_bias": model_type == "qwen2" or bool(raw.get("attention_bias", False)),
+        "o_bias": model_type != "qwen2" and bool(raw.get("attention_bias", False)),
+        "mlp_bias": model_type != "qwen2" and bool(raw.get("mlp_bias", False)),
     }
     if heads % cfg["num_key_value_heads"] != 0:
         raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads "
@@ -156,7 +162,8 @@ def parse_config(raw):
     if cfg["rope_type"] not in ("default", "linear", "llama3"):
         raise ValueError(f"rope_type {cfg['rope_type']!r} is not supported (expected default, linear or llama3)")
 
-    # LlamaModel has no sliding window in transformers, so only Mistral uses it.
+    # LlamaModel has no sliding window in transformers, and Qwen2 uses its
+    # sliding_window only with use_sliding_window, so only Mistral applies it.
     cfg["sliding_window"] = raw.get("sliding_window") if model_type == "mistral" else None
     if model_type == "llama" and raw.get("sliding_window") is not None:
         print("warning: sliding_window is ignored for model_type llama, as transformers does", file=sys.stderr)
@@ -181,6 +188,30 @@ def load_model(model_dir, dtype):
     return cfg, weights
 
 
+def bias_shapes(cfg, prefix):
+    """Return {name: shape} of the bias tensors layer `prefix` has under cfg."""
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    q_dim = cfg["num_attention_heads"] * cfg["head_dim"]
+    kv_dim = cfg["num_key_value_heads"] * cfg["head_dim"]
+    shapes = {}
+    if cfg["qkv_bias"]:
+        shapes.update({prefix + "self_attn.q_proj.bias": (q_dim,), prefix + "self_attn.k_proj.bias": (kv_dim,),
+                       prefix + "self_attn.v_proj.bias": (kv_dim,)})
+    if cfg["o_bias"]:
+        shapes[prefix + "self_attn.o_proj.bias"] = (hidden,)
+    if cfg["mlp_bias"]:
+        shapes.update({prefix + "mlp.gate_proj.bias": (inter,), prefix + "mlp.up_proj.bias": (inter,),
+                       prefix + "mlp.down_proj.bias": (hidden,)})
+    return shapes
+
+
+def linear(weights, name, x):
+    """x @ W.T for the projection `name`, plus its bias when the checkpoint has one."""
+    y = x @ weights[name + ".weight"].T
+    bias = weights.get(name + ".bias")
+    return y if bias is None else y + bias
+
+
 def check_shapes(cfg, weights):
     hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     q_dim = cfg["num_attention_heads"] * cfg["head_dim"]
@@ -203,6 +234,7 @@ def check_shapes(cfg, weights):
             p + "mlp.up_proj.weight": (inter, hidden),
             p + "mlp.down_proj.weight": (hidden, inter),
         })
+        expected.update(bias_shapes(cfg, p))
     for name, shape in expected.items():
         if name not in weights:
             raise ValueError(f"tensor {name} is missing from model.safetensors")
@@ -346,9 +378,9 @@ def forward(cfg, weights, ids, inv_freq=None):
 
         # Attention block.
         h = rms_norm(x, weights[p + "input_layernorm.weight"], eps)
-        q = (h @ weights[p + "self_attn.q_proj.weight"].T).view(batch, seq_len, heads, head_dim).transpose(1, 2)
-        k = (h @ weights[p + "self_attn.k_proj.weight"].T).view(batch, seq_len, kv_heads, head_dim).transpose(1, 2)
-        v = (h @ weights[p + "self_attn.v_proj.weight"].T).view(batch, seq_len, kv_heads, head_dim).transpose(1, 2)
+        q = linear(weights, p + "self_attn.q_proj", h).view(batch, seq_len, heads, head_dim).transpose(1, 2)
+        k = linear(weights, p + "self_attn.k_proj", h).view(batch, seq_len, kv_heads, head_dim).transpose(1, 2)
+        v = linear(weights, p + "self_attn.v_proj", h).view(batch, seq_len, kv_heads, head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         # Grouped-query attention: query head h reads key/value head h // group.
@@ -359,13 +391,13 @@ def forward(cfg, weights, ids, inv_freq=None):
         scores.masked_fill_(~mask, float("-inf"))
         attn = torch.softmax(scores, dim=-1) @ v
         attn = attn.transpose(1, 2).reshape(batch, seq_len, heads * head_dim)
-        x = x + attn @ weights[p + "self_attn.o_proj.weight"].T
+        x = x + linear(weights, p + "self_attn.o_proj", attn)
 
         # SwiGLU MLP block: down(silu(gate(h)) * up(h)).
         h = rms_norm(x, weights[p + "post_attention_layernorm.weight"], eps)
-        gate = torch.nn.functional.silu(h @ weights[p + "mlp.gate_proj.weight"].T)
-        up = h @ weights[p + "mlp.up_proj.weight"].T
-        x = x + (gate * up) @ weights[p + "mlp.down_proj.weight"].T
+        gate = torch.nn.functional.silu(linear(weights, p + "mlp.gate_proj", h))
+        up = linear(weights, p + "mlp.up_proj", h)
+        x = x + linear(weights, p + "mlp.down_proj", gate * up)
 
     x = rms_norm(x, weights["model.norm.weight"], eps)
     return x @ weights["lm_head.weight"].T
@@ -511,6 +543,58 @@ TINY_VARIANTS = {
             "torch_dtype": "float32",
         },
     },
+    # Qwen2: q/k/v biases; sliding_window is present but off
+    # (use_sliding_window false), so it must not change anything.
+    "tiny-qwen2": {
+        "seed": 1004,
+        "seq_len": 9,
+        "config": {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_size": 16,
+            "intermediate_size": 24,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 40,
+            "max_position_embeddings": 64,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "use_sliding_window": False,
+            "sliding_window": 4,
+            "max_window_layers": 2,
+            "hidden_act": "silu",
+            "tie_word_embeddings": True,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "float32",
+        },
+    },
+    # Llama with attention_bias and mlp_bias: a bias on all seven projections.
+    "tiny-llama-bias": {
+        "seed": 1005,
+        "seq_len": 7,
+        "config": {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": 16,
+            "intermediate_size": 24,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "vocab_size": 40,
+            "max_position_embeddings": 64,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "attention_bias": True,
+            "mlp_bias": True,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "float32",
+        },
+    },
     "tiny-linear": {
         "seed": 1003,
         "seq_len": 8,
@@ -562,6 +646,7 @@ def random_weights(cfg, generator):
             p + "mlp.up_proj.weight": (inter, hidden),
             p + "mlp.down_proj.weight": (hidden, inter),
         })
+        shapes.update(bias_shapes(cfg, p))
     weights = {}
     # Draw in sorted name order so that the values depend only on the seed and the shapes.
     for name in sorted(shapes):
@@ -624,6 +709,12 @@ def make_tiny_variant(name, spec, out_root):
         missing = {"high", "medium", "low"} - set(bands)
         if missing:
             raise RuntimeError(f"{name}: no RoPE frequency falls in the llama3 band(s) {sorted(missing)}")
+    biases = [n for n in weights64 if n.endswith(".bias")]
+    if biases:
+        unbiased = {n: t for n, t in weights64.items() if not n.endswith(".bias")}
+        with torch.no_grad():
+            plain = forward(cfg, unbiased, ids, inv_freq)[0]
+        checks["max_abs_diff_without_biases"] = float(torch.max(torch.abs(plain - logits)))
     if cfg["sliding_window"] is not None:
         with torch.no_grad():
             full = forward(dict(cfg, sliding_window=None), weights64, ids, inv_freq)[0]
@@ -636,7 +727,7 @@ def make_tiny_variant(name, spec, out_root):
 
     key_fields = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "rope_type",
-                  "rope_scaling", "sliding_window", "tie_word_embeddings")
+                  "rope_scaling", "sliding_window", "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias")
     expected = {
         "description": f"Random-weight {cfg['model_type']} checkpoint; logits of the full forward pass "
                        "over input_ids at positions 0..len-1, computed in float64 by tools/ref_llama.py.",

@@ -570,7 +570,7 @@ static cp_status read_kvs(reader *r, cp_gguf *g, uint64_t n_kvs)
     }
     for (uint64_t i = 0; i < n_kvs; i++) {
         cp_status s = read_kv(r, &g->kvs[i]);
-        g->n_kvs = (size_t)i + (s == CP_OK || g->kvs[i].elem_pos);
+        g->n_kvs = (size_t)i + 1; /* so that close frees a string array's offsets */
         if (s != CP_OK)
             return s;
     }
@@ -702,4 +702,270 @@ void cp_gguf_close(cp_gguf *g)
     cp_mapped_file_free(&g->map);
     free(g->path);
     free(g);
+}
+
+uint32_t cp_gguf_version(const cp_gguf *g) { return g->version; }
+uint32_t cp_gguf_alignment(const cp_gguf *g) { return g->alignment; }
+
+/* ---- metadata lookup ---- */
+
+size_t cp_gguf_kv_count(const cp_gguf *g) { return g->n_kvs; }
+
+const cp_gguf_kv *cp_gguf_kv_at(const cp_gguf *g, size_t i)
+{
+    CP_ASSERT(i < g->n_kvs);
+    return &g->kvs[i];
+}
+
+cp_gguf_str cp_gguf_kv_key(const cp_gguf_kv *kv) { return kv->key; }
+cp_gguf_type cp_gguf_kv_type(const cp_gguf_kv *kv) { return kv->type; }
+
+const cp_gguf_kv *cp_gguf_find_kv(const cp_gguf *g, const char *key)
+{
+    cp_gguf_str wanted = {key, strlen(key)};
+    size_t lo = 0, hi = g->n_kvs;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int c = str_cmp(g->kv_sorted[mid]->key, wanted);
+        if (c == 0)
+            return g->kv_sorted[mid];
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
+}
+
+/* Finds key and checks its type; on success *kv is set. */
+static cp_status find_typed(const cp_gguf *g, const char *key, cp_gguf_type type,
+                            const cp_gguf_kv **kv, cp_error *err)
+{
+    *kv = cp_gguf_find_kv(g, key);
+    if (!*kv)
+        return cp_error_set(err, CP_ERR_INPUT, "%s: metadata key '%s' not found; the file lacks it, convert the model again with a current llama.cpp",
+                            g->path, key);
+    if ((*kv)->type != type)
+        return cp_error_set(err, CP_ERR_INPUT, "%s: at byte %llu: metadata key '%s' has type %s, expected %s; the file does not follow the GGUF conventions for this key",
+                            g->path, (unsigned long long)((*kv)->value_pos), key,
+                            value_type_name((*kv)->type), value_type_name(type));
+    return CP_OK;
+}
+
+cp_status cp_gguf_get_str(const cp_gguf *g, const char *key, cp_gguf_str *out, cp_error *err)
+{
+    const cp_gguf_kv *kv;
+    cp_status s = find_typed(g, key, CP_GGUF_TYPE_STRING, &kv, err);
+    if (s != CP_OK)
+        return s;
+    out->len = load_le(kv->base + kv->value_pos, 8);
+    out->data = (const char *)kv->base + kv->value_pos + 8;
+    return CP_OK;
+}
+
+cp_status cp_gguf_get_u32(const cp_gguf *g, const char *key, uint32_t *out, cp_error *err)
+{
+    const cp_gguf_kv *kv;
+    cp_status s = find_typed(g, key, CP_GGUF_TYPE_UINT32, &kv, err);
+    if (s == CP_OK)
+        *out = (uint32_t)load_le(kv->base + kv->value_pos, 4);
+    return s;
+}
+
+cp_status cp_gguf_get_i32(const cp_gguf *g, const char *key, int32_t *out, cp_error *err)
+{
+    const cp_gguf_kv *kv;
+    cp_status s = find_typed(g, key, CP_GGUF_TYPE_INT32, &kv, err);
+    if (s == CP_OK) {
+        uint32_t bits = (uint32_t)load_le(kv->base + kv->value_pos, 4);
+        memcpy(out, &bits, 4);
+    }
+    return s;
+}
+
+cp_status cp_gguf_get_f32(const cp_gguf *g, const char *key, float *out, cp_error *err)
+{
+    const cp_gguf_kv *kv;
+    cp_status s = find_typed(g, key, CP_GGUF_TYPE_FLOAT32, &kv, err);
+    if (s == CP_OK) {
+        uint32_t bits = (uint32_t)load_le(kv->base + kv->value_pos, 4);
+        memcpy(out, &bits, 4);
+    }
+    return s;
+}
+
+cp_status cp_gguf_get_bool(const cp_gguf *g, const char *key, int *out, cp_error *err)
+{
+    const cp_gguf_kv *kv;
+    cp_status s = find_typed(g, key, CP_GGUF_TYPE_BOOL, &kv, err);
+    if (s == CP_OK)
+        *out = kv->base[kv->value_pos];
+    return s;
+}
+
+cp_status cp_gguf_get_array(const cp_gguf *g, const char *key, cp_gguf_type elem_type,
+                            const cp_gguf_kv **kv, uint64_t *n, cp_error *err)
+{
+    cp_status s = find_typed(g, key, CP_GGUF_TYPE_ARRAY, kv, err);
+    if (s != CP_OK)
+        return s;
+    if ((*kv)->elem_type != elem_type)
+        return cp_error_set(err, CP_ERR_INPUT, "%s: at byte %llu: metadata key '%s' is an array of %s, expected an array of %s; the file does not follow the GGUF conventions for this key",
+                            g->path, (unsigned long long)(*kv)->value_pos, key,
+                            value_type_name((*kv)->elem_type), value_type_name(elem_type));
+    *n = (*kv)->n_elems;
+    return CP_OK;
+}
+
+void cp_gguf_array_info(const cp_gguf_kv *kv, cp_gguf_type *elem_type, uint64_t *n)
+{
+    CP_ASSERT(kv->type == CP_GGUF_TYPE_ARRAY);
+    *elem_type = kv->elem_type;
+    *n = kv->n_elems;
+}
+
+cp_gguf_str cp_gguf_array_str(const cp_gguf_kv *kv, uint64_t i)
+{
+    CP_ASSERT(kv->type == CP_GGUF_TYPE_ARRAY && kv->elem_type == CP_GGUF_TYPE_STRING);
+    CP_ASSERT(i < kv->n_elems);
+    const uint8_t *p = kv->base + kv->elem_pos[i];
+    cp_gguf_str s = {(const char *)p + 8, load_le(p, 8)};
+    return s;
+}
+
+/* Reads one fixed-size value of type t at p as a double. */
+static double load_number(const uint8_t *p, cp_gguf_type t)
+{
+    uint64_t bits = load_le(p, (int)value_size(t));
+    switch (t) {
+    case CP_GGUF_TYPE_UINT8: case CP_GGUF_TYPE_UINT16: case CP_GGUF_TYPE_UINT32:
+    case CP_GGUF_TYPE_UINT64: case CP_GGUF_TYPE_BOOL:
+        return (double)bits;
+    case CP_GGUF_TYPE_INT8:
+        return (double)(int8_t)(uint8_t)bits;
+    case CP_GGUF_TYPE_INT16:
+        return (double)(int16_t)(uint16_t)bits;
+    case CP_GGUF_TYPE_INT32:
+        return (double)(int32_t)(uint32_t)bits;
+    case CP_GGUF_TYPE_INT64: {
+        int64_t v;
+        memcpy(&v, &bits, 8);
+        return (double)v;
+    }
+    case CP_GGUF_TYPE_FLOAT32: {
+        uint32_t b32 = (uint32_t)bits;
+        float f;
+        memcpy(&f, &b32, 4);
+        return f;
+    }
+    case CP_GGUF_TYPE_FLOAT64: {
+        double d;
+        memcpy(&d, &bits, 8);
+        return d;
+    }
+    default:
+        CP_ASSERT(!"not a numeric GGUF type");
+        return 0;
+    }
+}
+
+double cp_gguf_array_number(const cp_gguf_kv *kv, uint64_t i)
+{
+    CP_ASSERT(kv->type == CP_GGUF_TYPE_ARRAY && value_size(kv->elem_type) != 0);
+    CP_ASSERT(i < kv->n_elems);
+    return load_number(kv->base + kv->value_pos + i * value_size(kv->elem_type), kv->elem_type);
+}
+
+/* ---- tensor lookup and dequantization ---- */
+
+size_t cp_gguf_tensor_count(const cp_gguf *g) { return g->n_tensors; }
+
+const cp_gguf_tensor *cp_gguf_tensor_at(const cp_gguf *g, size_t i)
+{
+    CP_ASSERT(i < g->n_tensors);
+    return &g->tensors[i];
+}
+
+const cp_gguf_tensor *cp_gguf_find_tensor(const cp_gguf *g, const char *name)
+{
+    cp_gguf_str wanted = {name, strlen(name)};
+    size_t lo = 0, hi = g->n_tensors;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int c = str_cmp(g->tensor_sorted[mid]->name, wanted);
+        if (c == 0)
+            return g->tensor_sorted[mid];
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
+}
+
+/* Q8_0 block (34 bytes): f16 scale d, then 32 int8 codes q; value = q * d. */
+static void dequantize_q8_0(const uint8_t *src, float *dst, size_t n)
+{
+    for (size_t b = 0; b < n / 32; b++, src += 34, dst += 32) {
+        float d = cp_f16_to_f32((uint16_t)load_le(src, 2));
+        for (int j = 0; j < 32; j++)
+            dst[j] = (float)(int8_t)src[2 + j] * d;
+    }
+}
+
+/* Q4_0 block (18 bytes): f16 scale d, then 16 bytes of codes. Byte j holds
+ * element j in its low nibble and element j + 16 in its high nibble, and
+ * value = (code - 8) * d. */
+static void dequantize_q4_0(const uint8_t *src, float *dst, size_t n)
+{
+    for (size_t b = 0; b < n / 32; b++, src += 18, dst += 32) {
+        float d = cp_f16_to_f32((uint16_t)load_le(src, 2));
+        for (int j = 0; j < 16; j++) {
+            uint8_t codes = src[2 + j];
+            dst[j] = (float)((int)(codes & 0x0f) - 8) * d;
+            dst[j + 16] = (float)((int)(codes >> 4) - 8) * d;
+        }
+    }
+}
+
+void cp_ggml_dequantize_row(cp_ggml_type type, const void *src, float *dst, size_t n)
+{
+    const uint8_t *p = src;
+    switch (type) {
+    case CP_GGML_TYPE_F32:
+        memcpy(dst, p, n * sizeof *dst);
+        return;
+    case CP_GGML_TYPE_F16:
+        for (size_t i = 0; i < n; i++)
+            dst[i] = cp_f16_to_f32((uint16_t)load_le(p + 2 * i, 2));
+        return;
+    case CP_GGML_TYPE_BF16:
+        for (size_t i = 0; i < n; i++)
+            dst[i] = cp_bf16_to_f32((uint16_t)load_le(p + 2 * i, 2));
+        return;
+    case CP_GGML_TYPE_Q8_0:
+        CP_ASSERT(n % 32 == 0);
+        dequantize_q8_0(p, dst, n);
+        return;
+    case CP_GGML_TYPE_Q4_0:
+        CP_ASSERT(n % 32 == 0);
+        dequantize_q4_0(p, dst, n);
+        return;
+    }
+    CP_ASSERT(!"unsupported ggml type");
+}
+
+void cp_gguf_dequantize(const cp_gguf_tensor *t, float *out)
+{
+    if (t->n_elements == 0)
+        return;
+    uint64_t row_bytes;
+    int size_ok = cp_ggml_row_bytes(t->type, t->dims[0], &row_bytes);
+    CP_ASSERT(size_ok); /* checked by cp_gguf_open */
+    uint64_t n_rows = t->n_elements / t->dims[0];
+    const uint8_t *src = t->data;
+
+    #pragma omp parallel for schedule(static) if (t->n_elements > (1u << 16))
+    for (uint64_t r = 0; r < n_rows; r++)
+        cp_ggml_dequantize_row(t->type, src + r * row_bytes, out + r * t->dims[0], (size_t)t->dims[0]);
 }

@@ -13,7 +13,7 @@
 
 #include "core/file.h"
 
-static const char *const supported_types[] = {"llama", "mistral"};
+static const char *const supported_types[] = {"llama", "mistral", "qwen2"};
 
 /* Reads an integer key. Absent: *out = dflt, or an error when required. */
 static cp_status get_int(const cJSON *root, const char *key, int required, int dflt, int *out,
@@ -74,7 +74,8 @@ static cp_status parse_model_type(const cJSON *root, cp_model_config *cfg, const
     const cJSON *item = cJSON_GetObjectItemCaseSensitive(root, "model_type");
     if (!cJSON_IsString(item))
         return cp_error_set(err, CP_ERR_INPUT,
-                            "%s: missing string key \"model_type\"; supported: llama, mistral",
+                            "%s: missing string key \"model_type\"; supported: llama, mistral, "
+                            "qwen2",
                             path);
     for (size_t i = 0; i < sizeof supported_types / sizeof *supported_types; i++) {
         if (strcmp(item->valuestring, supported_types[i]) == 0) {
@@ -83,7 +84,8 @@ static cp_status parse_model_type(const cJSON *root, cp_model_config *cfg, const
         }
     }
     return cp_error_set(err, CP_ERR_INPUT,
-                        "%s: model_type \"%.64s\" is not supported; supported: llama, mistral",
+                        "%s: model_type \"%.64s\" is not supported; supported: llama, mistral, "
+                        "qwen2",
                         path, item->valuestring);
 }
 
@@ -170,16 +172,35 @@ static cp_status parse_rope_scaling(const cJSON *root, cp_model_config *cfg, con
     return CP_OK;
 }
 
+/* Bias terms and the sliding window, which depend on the model type, as in
+ * transformers: Qwen2 gives q, k and v a bias, Llama's attention_bias adds
+ * one to all four attention projections and mlp_bias to the MLP's three.
+ * Only Mistral applies sliding_window (Llama has none; Qwen2 only with
+ * use_sliding_window, which is not implemented). */
+static cp_status parse_type_specific(const cJSON *root, cp_model_config *cfg, const char *path,
+                                     cp_error *err)
+{
+    cp_status st;
+    int attention_bias = 0, mlp_bias = 0, use_sliding_window = 0;
+    if ((st = get_bool(root, "attention_bias", 0, &attention_bias, path, err)) ||
+        (st = get_bool(root, "mlp_bias", 0, &mlp_bias, path, err)) ||
+        (st = get_bool(root, "use_sliding_window", 0, &use_sliding_window, path, err)))
+        return st;
+    int qwen2 = strcmp(cfg->model_type, "qwen2") == 0;
+    cfg->qkv_bias = qwen2 || attention_bias;
+    cfg->o_bias = !qwen2 && attention_bias;
+    cfg->mlp_bias = !qwen2 && mlp_bias;
+    if (qwen2 && use_sliding_window)
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: \"use_sliding_window\": true is not supported for qwen2", path);
+    if (strcmp(cfg->model_type, "mistral") != 0)
+        cfg->sliding_window = 0;
+    return CP_OK;
+}
+
 /* Rejects keys whose non-default values would change the math. */
 static cp_status reject_unsupported(const cJSON *root, const char *path, cp_error *err)
 {
-    static const char *const bool_keys[] = {"attention_bias", "mlp_bias"};
-    for (size_t i = 0; i < 2; i++) {
-        const cJSON *item = cJSON_GetObjectItemCaseSensitive(root, bool_keys[i]);
-        if (cJSON_IsTrue(item))
-            return cp_error_set(err, CP_ERR_INPUT, "%s: \"%s\": true is not supported", path,
-                                bool_keys[i]);
-    }
     const cJSON *act = cJSON_GetObjectItemCaseSensitive(root, "hidden_act");
     if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu") != 0))
         return cp_error_set(err, CP_ERR_INPUT,
@@ -253,6 +274,7 @@ static cp_status parse_fields(const cJSON *root, cp_model_config *cfg, const cha
         (st = get_int(root, "bos_token_id", 0, -1, &cfg->bos_id, path, err)) ||
         (st = get_int(root, "sliding_window", 0, 0, &cfg->sliding_window, path, err)) ||
         (st = parse_eos(root, cfg, path, err)) || (st = parse_rope_scaling(root, cfg, path, err)) ||
+        (st = parse_type_specific(root, cfg, path, err)) ||
         (st = reject_unsupported(root, path, err)))
         return st;
 

@@ -1,7 +1,7 @@
 /*
  * Hugging Face `config.json` for decoder-only models.
  *
- * Supported model_type values: llama, mistral. Every setting that changes the
+ * Supported model_type values: llama, mistral, qwen2. Every setting that changes the
  * computation and that cpeft does not implement (another rope_scaling type,
  * attention biases, another activation) is an error naming the key and value,
  * so a checkpoint never runs with silently different math.
@@ -35,7 +35,10 @@ typedef struct cp_model_config {
     int bos_id;            /* -1 if the config names none */
     int eos_ids[CP_MAX_EOS_IDS];
     int n_eos_ids;
-    int sliding_window;    /* 0: full causal attention */
+    int sliding_window;    /* 0: full causal attention (always for llama and qwen2) */
+    int qkv_bias;          /* q, k and v projections have biases (qwen2, attention_bias) */
+    int o_bias;            /* o_proj has a bias (llama's attention_bias) */
+    int mlp_bias;          /* gate, up and down have biases (llama's mlp_bias) */
 
     cp_rope_scaling rope_scaling;
     float rope_factor;

@@ -118,7 +118,8 @@ void cp_model_project(const cp_model *m, int l, int proj, float *out, const floa
 {
     int in, outd;
     cp_proj_shape(&m->cfg, (cp_proj)proj, &in, &outd);
-    cp_matmul_forward(out, x, cp_model_proj_weight(m, l, proj), NULL, N, in, outd);
+    cp_matmul_forward(out, x, cp_model_proj_weight(m, l, proj), m->layers[l].bias[proj], N, in,
+                      outd);
     if (m->lora)
         cp_lora_forward(m->lora, l, (cp_proj)proj, out, x, N);
 }

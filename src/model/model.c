@@ -1,5 +1,5 @@
 /*
- * Loading a Hugging Face Llama or Mistral folder: config.json plus its
+ * Loading a Hugging Face Llama, Mistral or Qwen2 folder: config.json plus its
  * safetensors weights (one file or shards). Every tensor the config implies
  * must be present with the exact shape; tensors the decoder does not use
  * (a stored rotary inv_freq, say) are ignored.
@@ -126,6 +126,19 @@ static cp_status bind_layer(cp_model *m, int l, cp_error *err)
     BIND(w_up, "mlp.up_proj.weight", F, C);
     BIND(w_down, "mlp.down_proj.weight", C, F);
 #undef BIND
+
+    /* Bias vectors of the projections the config says have one. */
+    int has_bias[CP_PROJ_COUNT] = {c->qkv_bias, c->qkv_bias, c->qkv_bias, c->o_bias,
+                                   c->mlp_bias, c->mlp_bias, c->mlp_bias};
+    for (int p = 0; p < CP_PROJ_COUNT; p++) {
+        if (!has_bias[p])
+            continue;
+        int in, out;
+        cp_proj_shape(c, (cp_proj)p, &in, &out);
+        snprintf(name, sizeof name, "model.layers.%d.%s.bias", l, cp_proj_path((cp_proj)p));
+        if ((st = bind(m, name, out, 0, &w->bias[p], err)) != CP_OK)
+            return st;
+    }
     return CP_OK;
 }
 

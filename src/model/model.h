@@ -2,7 +2,8 @@
  * The Llama-family decoder: weights bound from a Hugging Face folder, and the
  * buffers of one batched forward pass.
  *
- * Weights are borrowed from the read-only safetensors map when stored as
+ * Llama, Mistral and Qwen2 are configurations of this one decoder (Qwen2
+ * adds q/k/v biases). Weights are borrowed from the read-only safetensors map when stored as
  * aligned F32; F16/BF16 or misaligned tensors are widened into owned float
  * copies. The model owns the map, the copies and the RoPE table.
  */
@@ -14,6 +15,7 @@
 #include "cpeft.h"
 #include "io/hf_config.h"
 #include "io/safetensors.h"
+#include "model/projection.h"
 
 /* One decoder layer's frozen weights, shapes as PyTorch stores them. */
 typedef struct cp_layer_weights {
@@ -26,6 +28,7 @@ typedef struct cp_layer_weights {
     const float *w_gate;    /* (F, C) */
     const float *w_up;      /* (F, C) */
     const float *w_down;    /* (C, F) */
+    const float *bias[CP_PROJ_COUNT]; /* (out) each; NULL where the model has none */
 } cp_layer_weights;
 
 struct cp_model {

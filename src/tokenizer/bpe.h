@@ -24,7 +24,8 @@ typedef struct cp_bpe_model {
     int32_t eos_id; /* the token "<|endoftext|>", or -1 if absent */
 
     char *token_bytes;      /* every token's raw bytes, back to back */
-    uint32_t *token_offset; /* n_tokens + 1 offsets into token_bytes */
+    uint32_t *token_offset; /* n_tokens: where each token starts in token_bytes */
+    uint32_t *token_len;    /* n_tokens: bytes in each token */
     uint8_t *token_special; /* 1: an added special token, decoded to no text */
     int32_t byte_ids[256];  /* id of the token for one raw byte, -1 if absent */
 
