@@ -611,3 +611,118 @@ TEST(grad_attention_accumulates)
     for (int i = 0; i < 3; i++)
         free(g1[i]), free(g2[i]);
 }
+
+/* ---- layernorm ---- */
+
+typedef struct layernorm_ctx {
+    float *out, *mean, *rstd, *inp, *weight, *bias;
+    int N, C;
+} layernorm_ctx;
+
+static void layernorm_objective_forward(void *p)
+{
+    layernorm_ctx *c = p;
+    cp_layernorm_forward(c->out, c->mean, c->rstd, c->inp, c->weight, c->bias, c->N, c->C, 1e-5f);
+}
+
+TEST(grad_layernorm_finite_differences)
+{
+    int shapes[][3] = {{5, 12, 1}, {40, 256, 7}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int N = shapes[s][0], C = shapes[s][1], step = shapes[s][2];
+        size_t n = (size_t)N * C;
+        layernorm_ctx c = {zeros(n), zeros((size_t)N), zeros((size_t)N),
+                           random_array(n, 31, -2, 2), random_array((size_t)C, 32, 0.5f, 1.5f),
+                           random_array((size_t)C, 33, -0.5f, 0.5f), N, C};
+        float *r = random_array(n, 34, -1, 1);
+        float *dinp = zeros(n), *dweight = zeros((size_t)C), *dbias = zeros((size_t)C);
+        layernorm_objective_forward(&c);
+        float *mean = copy_array(c.mean, (size_t)N), *rstd = copy_array(c.rstd, (size_t)N);
+        cp_layernorm_backward(dinp, dweight, dbias, r, c.inp, c.weight, mean, rstd, N, C);
+
+        objective obj = {layernorm_objective_forward, &c, c.out, r, n};
+        CHECK_GRAD(gradient_error(&obj, c.inp, dinp, n, (size_t)step), inp, "(N %d, C %d)", N, C);
+        CHECK_GRAD(gradient_error(&obj, c.weight, dweight, (size_t)C, 1), weight, "(N %d, C %d)",
+                   N, C);
+        CHECK_GRAD(gradient_error(&obj, c.bias, dbias, (size_t)C, 1), bias, "(N %d, C %d)", N, C);
+        free(c.out), free(c.mean), free(c.rstd), free(c.inp), free(c.weight), free(c.bias);
+        free(r), free(dinp), free(dweight), free(dbias), free(mean), free(rstd);
+    }
+}
+
+/* ---- GELU (tanh approximation) ---- */
+
+typedef struct gelu_ctx {
+    float *out, *inp;
+    size_t n;
+} gelu_ctx;
+
+static void gelu_objective_forward(void *p)
+{
+    gelu_ctx *c = p;
+    cp_gelu_tanh_forward(c->out, c->inp, c->n);
+}
+
+TEST(grad_gelu_finite_differences)
+{
+    size_t n = 300;
+    gelu_ctx c = {zeros(n), random_array(n, 41, -4, 4), n};
+    float *r = random_array(n, 42, -1, 1), *dinp = zeros(n);
+    cp_gelu_tanh_backward(dinp, r, c.inp, n);
+    objective obj = {gelu_objective_forward, &c, c.out, r, n};
+    CHECK_GRAD(gradient_error(&obj, c.inp, dinp, n, 1), inp, "(n %zu)", n);
+
+    /* Spot values of 0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³))). */
+    float x[3] = {-1.0f, 0.5f, 2.0f}, y[3];
+    cp_gelu_tanh_forward(y, x, 3);
+    CHECK_CLOSE(y[0], -0.158808009, 1e-6);
+    CHECK_CLOSE(y[1], 0.345714254, 1e-6);
+    CHECK_CLOSE(y[2], 1.954597694, 1e-6);
+    free(c.out), free(c.inp), free(r), free(dinp);
+}
+
+/* ---- matmul with (IC, OC) weights ---- */
+
+typedef struct matmul_kn_ctx {
+    float *out, *inp, *weight, *bias;
+    int N, IC, OC;
+} matmul_kn_ctx;
+
+static void matmul_kn_objective_forward(void *p)
+{
+    matmul_kn_ctx *c = p;
+    cp_matmul_kn_forward(c->out, c->inp, c->weight, c->bias, c->N, c->IC, c->OC);
+}
+
+TEST(grad_matmul_kn_finite_differences)
+{
+    int shapes[][3] = {{5, 7, 4}, {70, 24, 48}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int N = shapes[s][0], IC = shapes[s][1], OC = shapes[s][2];
+        size_t n_in = (size_t)N * IC, n_w = (size_t)IC * OC, n_out = (size_t)N * OC;
+        matmul_kn_ctx c = {zeros(n_out), random_array(n_in, 51, -1, 1),
+                           random_array(n_w, 52, -1, 1), random_array((size_t)OC, 53, -1, 1), N,
+                           IC, OC};
+        float *r = random_array(n_out, 54, -1, 1);
+        float *dinp = zeros(n_in), *dweight = zeros(n_w), *dbias = zeros((size_t)OC);
+        cp_matmul_kn_backward(dinp, dweight, dbias, r, c.inp, c.weight, N, IC, OC);
+
+        /* The forward equals the (OC, IC) kernel on the transposed weight. */
+        float *wt = zeros(n_w), *ref = zeros(n_out);
+        for (int i = 0; i < IC; i++)
+            for (int o = 0; o < OC; o++)
+                wt[(size_t)o * IC + i] = c.weight[(size_t)i * OC + o];
+        cp_matmul_forward_ref(ref, c.inp, wt, c.bias, N, IC, OC);
+        matmul_kn_objective_forward(&c);
+        CHECK_MSG(relative_diff(c.out, ref, n_out) < 1e-5, "forward differs from the reference");
+
+        objective obj = {matmul_kn_objective_forward, &c, c.out, r, n_out};
+        CHECK_GRAD(gradient_error(&obj, c.inp, dinp, n_in, 3), inp, "(%d, %d, %d)", N, IC, OC);
+        CHECK_GRAD(gradient_error(&obj, c.weight, dweight, n_w, 5), weight, "(%d, %d, %d)", N, IC,
+                   OC);
+        CHECK_GRAD(gradient_error(&obj, c.bias, dbias, (size_t)OC, 1), bias, "(%d, %d, %d)", N, IC,
+                   OC);
+        free(c.out), free(c.inp), free(c.weight), free(c.bias), free(r);
+        free(dinp), free(dweight), free(dbias), free(wt), free(ref);
+    }
+}

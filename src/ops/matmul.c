@@ -157,3 +157,50 @@ void cp_matmul_backward_ref(float *dinp, float *dweight, float *dbias, const flo
             dbias[o] += (float)sum;
         }
 }
+
+/* Conv1D layout (GPT-2): weight (IC, OC), out = inp · weight. Rows are split
+ * across threads as in cp_matmul_forward. */
+void cp_matmul_kn_forward(float *out, const float *inp, const float *weight, const float *bias,
+                          int N, int IC, int OC)
+{
+    cp_blas_single_threaded();
+#pragma omp parallel if ((size_t)N * IC * OC > 32768)
+    {
+        int lo, hi;
+        thread_range(N, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        if (hi > lo)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, OC, IC, 1.0f,
+                        inp + (size_t)lo * IC, IC, weight, OC, 0.0f, out + (size_t)lo * OC, OC);
+        if (bias)
+            for (int n = lo; n < hi; n++)
+                for (int o = 0; o < OC; o++)
+                    out[(size_t)n * OC + o] += bias[o];
+    }
+}
+
+/* Backward of cp_matmul_kn_forward, accumulating like cp_matmul_backward:
+ * dinp (N, IC) += dout · weightᵀ, dweight (IC, OC) += inpᵀ · dout, dbias += column
+ * sums of dout. NULL gradients are skipped. */
+void cp_matmul_kn_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                           const float *inp, const float *weight, int N, int IC, int OC)
+{
+    cp_blas_single_threaded();
+#pragma omp parallel if ((size_t)N * IC * OC > 32768)
+    {
+        int id = omp_get_thread_num(), n_threads = omp_get_num_threads(), lo, hi;
+        thread_range(N, id, n_threads, &lo, &hi);
+        if (dinp && hi > lo)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, hi - lo, IC, OC, 1.0f,
+                        dout + (size_t)lo * OC, OC, weight, OC, 1.0f, dinp + (size_t)lo * IC, IC);
+        /* dweight rows (input features) are split, so no two threads share one. */
+        thread_range(IC, id, n_threads, &lo, &hi);
+        if (dweight && hi > lo)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, OC, N, 1.0f, inp + lo,
+                        IC, dout, OC, 1.0f, dweight + (size_t)lo * OC, OC);
+        thread_range(OC, id, n_threads, &lo, &hi);
+        if (dbias)
+            for (int n = 0; n < N; n++)
+                for (int o = lo; o < hi; o++)
+                    dbias[o] += dout[(size_t)n * OC + o];
+    }
+}

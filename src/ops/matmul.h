@@ -25,4 +25,11 @@ void cp_matmul_backward(float *dinp, float *dweight, float *dbias, const float *
 void cp_matmul_backward_ref(float *dinp, float *dweight, float *dbias, const float *dout,
                             const float *inp, const float *weight, int N, int IC, int OC);
 
+/* The same products for weights stored (IC, OC), as GPT-2's Conv1D layers
+ * keep them: out (N, OC) = inp (N, IC) · weight (IC, OC) (+ bias). */
+void cp_matmul_kn_forward(float *out, const float *inp, const float *weight, const float *bias,
+                          int N, int IC, int OC);
+void cp_matmul_kn_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                           const float *inp, const float *weight, int N, int IC, int OC);
+
 #endif

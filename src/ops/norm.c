@@ -1,4 +1,4 @@
-/* RMSNorm forward and backward. */
+/* RMSNorm and LayerNorm, forward and backward. */
 #include "ops/norm.h"
 
 #include <math.h>
@@ -65,6 +65,67 @@ void cp_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const f
                 for (int i = lo; i < hi; i++)
                     dweight[i] += dy[i] * x[i] * r;
             }
+        }
+    }
+}
+
+void cp_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                          const float *weight, const float *bias, int N, int C, float eps)
+{
+#pragma omp parallel for if (N > 16)
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C;
+        float *y = out + (size_t)n * C;
+        double sum = 0.0, sq = 0.0;
+        for (int i = 0; i < C; i++)
+            sum += x[i];
+        float m = (float)(sum / C);
+        for (int i = 0; i < C; i++)
+            sq += (double)(x[i] - m) * (x[i] - m);
+        float r = 1.0f / sqrtf((float)(sq / C) + eps); /* biased variance, as PyTorch */
+        for (int i = 0; i < C; i++)
+            y[i] = (x[i] - m) * r * weight[i] + bias[i];
+        if (mean)
+            mean[n] = m;
+        if (rstd)
+            rstd[n] = r;
+    }
+}
+
+/* With x̂ = (x - mean) · rstd and g = dout ⊙ weight, the forward's
+ * y = x̂ ⊙ weight + bias gives dx = rstd · (g - mean(g) - x̂ · mean(g ⊙ x̂)). */
+void cp_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                           const float *inp, const float *weight, const float *mean,
+                           const float *rstd, int N, int C)
+{
+#pragma omp parallel for if (N > 16)
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
+        float *dx = dinp + (size_t)n * C;
+        double g_sum = 0.0, gx_sum = 0.0;
+        for (int i = 0; i < C; i++) {
+            float xhat = (x[i] - mean[n]) * rstd[n], g = dy[i] * weight[i];
+            g_sum += g;
+            gx_sum += (double)g * xhat;
+        }
+        float g_mean = (float)(g_sum / C), gx_mean = (float)(gx_sum / C);
+        for (int i = 0; i < C; i++) {
+            float xhat = (x[i] - mean[n]) * rstd[n];
+            dx[i] += rstd[n] * (dy[i] * weight[i] - g_mean - xhat * gx_mean);
+        }
+    }
+    /* Parameter gradients sum over rows; columns are split so no two
+     * threads add into one element. */
+    if (!dweight && !dbias)
+        return;
+#pragma omp parallel for if (N > 16)
+    for (int i = 0; i < C; i++) {
+        for (int n = 0; n < N; n++) {
+            float dy = dout[(size_t)n * C + i];
+            if (dweight)
+                dweight[i] += dy * (inp[(size_t)n * C + i] - mean[n]) * rstd[n];
+            if (dbias)
+                dbias[i] += dy;
         }
     }
 }
