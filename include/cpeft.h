@@ -1,8 +1,9 @@
 /*
  * cpeft: adapt pretrained language models on a CPU.
  *
- * This header is the public C API: loading a Hugging Face model folder,
- * tokenizing, generating and evaluating. Handles are opaque; every function
+ * This header is the public C API: loading a Hugging Face model folder
+ * (GPT-2, Llama, Mistral, Qwen2), tokenizing, generating and evaluating,
+ * with or without a LoRA adapter. Handles are opaque; every function
  * that allocates says who frees. Functions that can fail return a cp_status
  * and fill a caller-provided cp_error with a one-line message that names the
  * file, the position and what to do. The library never prints and never exits.
@@ -38,7 +39,9 @@ typedef struct cp_error {
 
 typedef struct cp_tokenizer cp_tokenizer;
 
-/* Loads a SentencePiece tokenizer.model file, or the one in a model folder.
+/* Loads a SentencePiece tokenizer.model, a Hugging Face tokenizer.json
+ * (byte-level BPE), or a folder holding one of those or GPT-2's vocab.json +
+ * merges.txt (tried in that order).
  * Release with cp_tokenizer_free. */
 cp_status cp_tokenizer_load(const char *path, cp_tokenizer **out, cp_error *err);
 void cp_tokenizer_free(cp_tokenizer *t);

@@ -126,7 +126,7 @@ TEST(config_rejections)
         {"{\"model_type\": \"llama\", ", "invalid JSON"},
         {"[1, 2]", "JSON object"},
         {"{\"hidden_size\": 64}", "model_type"},
-        {"{\"model_type\": \"gpt_neox\"}", "\"gpt_neox\" is not supported; supported: llama, mistral, qwen2"},
+        {"{\"model_type\": \"gpt_neox\"}", "\"gpt_neox\" is not supported; supported: gpt2, llama, mistral, qwen2"},
         {"{\"model_type\": \"llama\", \"hidden_size\": 64}", "\"intermediate_size\""},
         {"{\"model_type\": \"llama\", \"hidden_size\": 64.5, \"intermediate_size\": 1, "
          "\"num_hidden_layers\": 1, \"num_attention_heads\": 1, \"vocab_size\": 4}",

@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 
 #include "core/file.h"
+#include "io/safetensors.h"
 #include "model/model.h"
 #include "peft/lora.h"
 #include "peft/lora_io.h"
@@ -46,7 +47,7 @@ static void check_lora_gradients(const char *model_dir)
     cp_lora_params p = cp_lora_default_params();
     p.r = 3;
     p.alpha = 5;
-    p.targets = (1u << CP_PROJ_COUNT) - 1;
+    p.targets = cp_proj_all(&m->cfg);
     CHECK(cp_lora_init(&lora, &m->cfg, &p, &err) == CP_OK);
     /* B starts at zero; random B makes every A gradient non-trivial. */
     cp_rng rng;
@@ -99,6 +100,7 @@ TEST(lora_gradients_match_finite_differences)
     check_lora_gradients("tests/fixtures/tiny-mistral"); /* sliding window, GQA */
     check_lora_gradients("tests/fixtures/tiny-qwen2");   /* q/k/v biases, tied head */
     check_lora_gradients("tests/fixtures/tiny-llama-bias");
+    check_lora_gradients("tests/fixtures/tiny-gpt2"); /* LayerNorm, GELU, fused Conv1D */
 }
 
 TEST(lora_save_load_round_trip)
@@ -356,4 +358,53 @@ TEST(train_recipe_lowers_eval_loss)
     CHECK_MSG(loss[1] <= 0.75 * loss[0], "eval loss %.4f -> %.4f, a drop of %.1f%% (< 25%%)",
               loss[0], loss[1], 100 * (1 - loss[1] / loss[0]));
     free(cmd), free(args), free(out), free(err);
+}
+
+TEST(lora_gpt2_uses_peft_names)
+{
+    cp_model *m = NULL;
+    cp_error err = {0};
+    CHECK_MSG(cp_model_load("tests/fixtures/tiny-gpt2", &m, &err) == CP_OK, "%s", err.msg);
+    if (!m)
+        return;
+    unsigned mask = 0;
+    CHECK(cp_proj_parse_list(&m->cfg, "c_attn,c_proj", &mask, &err) == CP_OK);
+    CHECK_EQ_INT(mask, (1u << CP_PROJ_QKV) | (1u << CP_PROJ_O) | (1u << CP_PROJ_DOWN));
+    CHECK_EQ_INT(cp_proj_parse_list(&m->cfg, "q_proj", &mask, &err), CP_ERR_INPUT);
+    CHECK_MSG(strstr(err.msg, "valid: c_proj, c_fc, c_attn, or all-linear") != NULL, "%s",
+              err.msg);
+
+    cp_lora lora;
+    cp_lora_params p = cp_lora_default_params();
+    p.r = 4;
+    p.targets = (1u << CP_PROJ_QKV) | (1u << CP_PROJ_O) | (1u << CP_PROJ_DOWN);
+    CHECK(cp_lora_init(&lora, &m->cfg, &p, &err) == CP_OK);
+    const char *dir = test_tmpdir();
+    CHECK_MSG(cp_lora_save(&lora, dir, "gpt2", &err) == CP_OK, "%s", err.msg);
+
+    char *path = cp_path_join(dir, "adapter_model.safetensors");
+    cp_safetensors *st = NULL;
+    CHECK(cp_safetensors_open(path, &st, &err) == CP_OK);
+    const cp_st_tensor *a = st ? cp_safetensors_find(st, "base_model.model.transformer.h.1.attn.c_attn.lora_A.weight") : NULL;
+    const cp_st_tensor *b = st ? cp_safetensors_find(st, "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight") : NULL;
+    CHECK(a && a->shape[0] == 4 && a->shape[1] == 16);
+    CHECK(b && b->shape[0] == 48 && b->shape[1] == 4);
+    CHECK(st && cp_safetensors_find(st, "base_model.model.transformer.h.0.mlp.c_proj.lora_B.weight"));
+    CHECK_EQ_INT(st ? cp_safetensors_count(st) : 0, 2 * 3 * 2);
+    cp_safetensors_close(st);
+    free(path);
+
+    char *text = NULL, *config = cp_path_join(dir, "adapter_config.json");
+    CHECK(cp_file_read(config, &text, NULL, &err) == CP_OK);
+    CHECK(text && strstr(text, "\"fan_in_fan_out\":\ttrue") != NULL);
+    CHECK(text && strstr(text, "\"target_modules\":\t[\"c_proj\", \"c_attn\"]") != NULL);
+    free(text), free(config);
+
+    /* The saved adapter loads back onto the same base. */
+    cp_lora back;
+    CHECK_MSG(cp_lora_load(&back, dir, &m->cfg, &err) == CP_OK, "%s", err.msg);
+    CHECK_EQ_INT(back.params.targets, p.targets);
+    cp_lora_free(&back);
+    cp_lora_free(&lora);
+    cp_model_free(m);
 }

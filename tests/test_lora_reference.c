@@ -107,10 +107,12 @@ TEST(lora_step_matches_pytorch)
     int compared = 0;
     for (int l = 0; grads && l < f.lora.n_layers; l++) {
         for (int p = 0; p < CP_PROJ_COUNT; p++) {
+            if (!cp_proj_exists(&f.lora.cfg, (cp_proj)p))
+                continue;
             cp_lora_slot *s = cp_lora_slot_at(&f.lora, l, (cp_proj)p);
             for (int w = 0; w < 2; w++) {
                 char name[160];
-                cp_lora_tensor_name(name, sizeof name, l, (cp_proj)p, "AB"[w]);
+                cp_lora_tensor_name(&f.lora.cfg, name, sizeof name, l, (cp_proj)p, "AB"[w]);
                 const cp_st_tensor *t = cp_safetensors_find(grads, name);
                 CHECK_MSG(t != NULL, "grads.safetensors lacks %s", name);
                 if (!t)

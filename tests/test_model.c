@@ -2,7 +2,8 @@
  * The decoder against independent references: llama2.c's greedy output for
  * stories260K, PyTorch logits for small random checkpoints that exercise
  * GQA, sliding windows, explicit head_dim, untied heads, RoPE scaling and
- * bias terms (tools/ref_llama.py make-tiny), and PyTorch's eval loss on tinyshakespeare.
+ * bias terms (tools/ref_llama.py make-tiny), and GPT-2's LayerNorm, learned
+ * positions, GELU and fused Conv1D q/k/v (tools/ref_gpt2.py make-tiny), and PyTorch's eval loss on tinyshakespeare.
  */
 #include <cJSON.h>
 #include <stdlib.h>
@@ -93,6 +94,7 @@ TEST(forward_llama3_rope_scaling) { check_tiny_fixture("tiny-llama3"); }
 TEST(forward_linear_rope_scaling) { check_tiny_fixture("tiny-linear"); }
 TEST(forward_qwen2_qkv_bias) { check_tiny_fixture("tiny-qwen2"); }
 TEST(forward_llama_all_biases) { check_tiny_fixture("tiny-llama-bias"); }
+TEST(forward_gpt2_layernorm_conv1d) { check_tiny_fixture("tiny-gpt2"); }
 
 TEST(generate_matches_llama2c_golden)
 {

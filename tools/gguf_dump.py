@@ -2,7 +2,7 @@
 """Print the header, metadata and tensor descriptions of a GGUF file.
 
 Written with the standard library only, independently of cpeft's C reader,
-to produce the expected values that tests/test_gguf.c checks.
+to cross-check the values that tests/test_gguf.c expects.
 
 Usage:
   tools/gguf_dump.py FILE                 header, every key, arrays cut to 5 elements

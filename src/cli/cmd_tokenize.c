@@ -85,7 +85,7 @@ int cmd_tokenize(int argc, char **argv)
     const cli_option options[] = {
         {"model", CLI_STRING, &model, "DIR",
          "model folder: its tokenizer and tokenizer_config.json"},
-        {"tokenizer", CLI_STRING, &tokenizer, "PATH", "a tokenizer.model file or a folder"},
+        {"tokenizer", CLI_STRING, &tokenizer, "PATH", "a tokenizer.model, a tokenizer.json, or a folder with one of them or vocab.json + merges.txt"},
         {"no-bos", CLI_FLAG, &no_bos, NULL, "do not add the beginning-of-sequence token"},
         {"decode", CLI_FLAG, &decode, NULL,
          "read space-separated ids and print their text (no newline added)"},

@@ -84,7 +84,7 @@ static int run(const cp_train_params *p, int quiet)
 int cmd_train(int argc, char **argv)
 {
     cp_train_params p = cp_train_default_params();
-    const char *method = "lora", *target = "q_proj,v_proj", *schedule = "cosine";
+    const char *method = "lora", *target = NULL, *schedule = "cosine";
     int rslora = 0, quiet = 0, warmup_steps = 0;
     float lr = 2e-4f, weight_decay = 0.0f, warmup_ratio = 0.0f, max_grad_norm = 1.0f;
     float eval_split = 0.05f;
@@ -98,7 +98,7 @@ int cmd_train(int argc, char **argv)
         {"alpha", CLI_FLOAT, &p.lora.alpha, "A", "LoRA alpha; the update is scaled by alpha/r (default 16)"},
         {"rslora", CLI_FLAG, &rslora, NULL, "scale by alpha/sqrt(r) instead (rank-stabilized LoRA)"},
         {"lora-dropout", CLI_FLOAT, &p.lora.dropout, "P", "dropout on the LoRA input (default 0)"},
-        {"target", CLI_STRING, &target, "LIST", "projections to adapt: comma-separated names or all-linear (default q_proj,v_proj)"},
+        {"target", CLI_STRING, &target, "LIST", "projections to adapt: comma-separated module names or all-linear (default q_proj,v_proj; c_attn for GPT-2)"},
         {"steps", CLI_INT, &p.steps, "N", "optimizer steps (default 100)"},
         {"batch-size", CLI_INT, &p.batch_size, "B", "windows per micro-batch (default 8)"},
         {"seq-len", CLI_INT, &p.seq_len, "T", "tokens per window (default 128)"},
@@ -141,8 +141,8 @@ int cmd_train(int argc, char **argv)
     p.warmup_steps = warmup_steps;
     p.max_grad_norm = max_grad_norm;
     p.eval_split = eval_split;
-    if (cp_proj_parse_list(target, &p.lora.targets, &err) != CP_OK ||
-        cp_schedule_parse(schedule, &p.schedule, &err) != CP_OK)
+    p.targets = target;
+    if (cp_schedule_parse(schedule, &p.schedule, &err) != CP_OK)
         return cli_usage_error(&cmd, "%s", err.msg);
     return run(&p, quiet);
 }

@@ -5,10 +5,11 @@
  * Layout (little-endian): "GGUF", u32 version, u64 tensor count, u64 key
  * count, the key/value pairs, the tensor descriptions, padding up to the
  * alignment, then the data section. Strings are a u64 length and the bytes.
- * Rejected with CP_ERR_INPUT: versions other than 2 and 3, truncation,
- * lengths or counts past the file, bools other than 0 and 1, duplicate keys
- * or tensor names, unknown value or tensor types, more than 4 dimensions,
- * overflowing sizes, and tensor data misaligned, past the end or overlapping.
+ * The reader rejects with CP_ERR_INPUT: versions other than 2 and 3,
+ * truncation, lengths or counts past the file, and bools other than 0 and 1.
+ * It also rejects duplicate keys or tensor names, unknown value or tensor
+ * types, more than 4 dimensions and overflowing sizes. Tensor data must be
+ * aligned, inside the data section and free of overlaps.
  */
 #include "io/gguf.h"
 
@@ -581,7 +582,7 @@ static cp_status read_kvs(reader *r, cp_gguf *g, uint64_t n_kvs)
 }
 
 /* Checks each tensor's offset against the alignment and the data section,
- * and rejects overlaps. info_pos holds the file offset of each description. */
+ * and rejects overlaps. info_pos contains the file offset of each description. */
 static cp_status place_tensors(reader *r, cp_gguf *g, const uint64_t *info_pos)
 {
     uint64_t data_size = r->size - g->data_start;
@@ -722,11 +723,11 @@ cp_gguf_type cp_gguf_kv_type(const cp_gguf_kv *kv) { return kv->type; }
 
 const cp_gguf_kv *cp_gguf_find_kv(const cp_gguf *g, const char *key)
 {
-    cp_gguf_str wanted = {key, strlen(key)};
+    cp_gguf_str target = {key, strlen(key)};
     size_t lo = 0, hi = g->n_kvs;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        int c = str_cmp(g->kv_sorted[mid]->key, wanted);
+        int c = str_cmp(g->kv_sorted[mid]->key, target);
         if (c == 0)
             return g->kv_sorted[mid];
         if (c < 0)
@@ -888,11 +889,11 @@ const cp_gguf_tensor *cp_gguf_tensor_at(const cp_gguf *g, size_t i)
 
 const cp_gguf_tensor *cp_gguf_find_tensor(const cp_gguf *g, const char *name)
 {
-    cp_gguf_str wanted = {name, strlen(name)};
+    cp_gguf_str target = {name, strlen(name)};
     size_t lo = 0, hi = g->n_tensors;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        int c = str_cmp(g->tensor_sorted[mid]->name, wanted);
+        int c = str_cmp(g->tensor_sorted[mid]->name, target);
         if (c == 0)
             return g->tensor_sorted[mid];
         if (c < 0)
@@ -913,7 +914,7 @@ static void dequantize_q8_0(const uint8_t *src, float *dst, size_t n)
     }
 }
 
-/* Q4_0 block (18 bytes): f16 scale d, then 16 bytes of codes. Byte j holds
+/* Q4_0 block (18 bytes): f16 scale d, then 16 bytes of codes. Byte j stores
  * element j in its low nibble and element j + 16 in its high nibble, and
  * value = (code - 8) * d. */
 static void dequantize_q4_0(const uint8_t *src, float *dst, size_t n)

@@ -131,7 +131,7 @@ int cp_ggml_row_bytes(cp_ggml_type type, uint64_t n, uint64_t *bytes);
  * be a whole number of blocks; src may be misaligned. */
 void cp_ggml_dequantize_row(cp_ggml_type type, const void *src, float *dst, size_t n);
 
-/* Widens the whole tensor into out, which holds t->n_elements floats. */
+/* Widens the whole tensor into out, which has room for t->n_elements floats. */
 void cp_gguf_dequantize(const cp_gguf_tensor *t, float *out);
 
 #endif

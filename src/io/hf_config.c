@@ -13,7 +13,7 @@
 
 #include "core/file.h"
 
-static const char *const supported_types[] = {"llama", "mistral", "qwen2"};
+static const char *const supported_types[] = {"gpt2", "llama", "mistral", "qwen2"};
 
 /* Reads an integer key. Absent: *out = dflt, or an error when required. */
 static cp_status get_int(const cJSON *root, const char *key, int required, int dflt, int *out,
@@ -74,8 +74,8 @@ static cp_status parse_model_type(const cJSON *root, cp_model_config *cfg, const
     const cJSON *item = cJSON_GetObjectItemCaseSensitive(root, "model_type");
     if (!cJSON_IsString(item))
         return cp_error_set(err, CP_ERR_INPUT,
-                            "%s: missing string key \"model_type\"; supported: llama, mistral, "
-                            "qwen2",
+                            "%s: missing string key \"model_type\"; supported: gpt2, llama, "
+                            "mistral, qwen2",
                             path);
     for (size_t i = 0; i < sizeof supported_types / sizeof *supported_types; i++) {
         if (strcmp(item->valuestring, supported_types[i]) == 0) {
@@ -84,8 +84,8 @@ static cp_status parse_model_type(const cJSON *root, cp_model_config *cfg, const
         }
     }
     return cp_error_set(err, CP_ERR_INPUT,
-                        "%s: model_type \"%.64s\" is not supported; supported: llama, mistral, "
-                        "qwen2",
+                        "%s: model_type \"%.64s\" is not supported; supported: gpt2, llama, "
+                        "mistral, qwen2",
                         path, item->valuestring);
 }
 
@@ -254,10 +254,70 @@ static cp_status check_shapes(const cp_model_config *c, const char *path, cp_err
     return CP_OK;
 }
 
+/* GPT-2's own key names (GPT2Config in transformers): LayerNorm, learned
+ * positions, the tanh GELU, a fused q/k/v Conv1D and biases everywhere. */
+static cp_status parse_gpt2(const cJSON *root, cp_model_config *cfg, const char *path,
+                            cp_error *err)
+{
+    cp_status st;
+    int inner = 0;
+    if ((st = get_int(root, "n_embd", 1, 0, &cfg->hidden_size, path, err)) ||
+        (st = get_int(root, "n_layer", 1, 0, &cfg->n_layers, path, err)) ||
+        (st = get_int(root, "n_head", 1, 0, &cfg->n_heads, path, err)) ||
+        (st = get_int(root, "vocab_size", 1, 0, &cfg->vocab_size, path, err)) ||
+        (st = get_int(root, "n_positions", 0, 1024, &cfg->max_position_embeddings, path, err)) ||
+        (st = get_int(root, "n_inner", 0, 0, &inner, path, err)) ||
+        (st = get_float(root, "layer_norm_epsilon", 0, 1e-5f, &cfg->rms_norm_eps, path, err)) ||
+        (st = get_bool(root, "tie_word_embeddings", 1, &cfg->tie_word_embeddings, path, err)) ||
+        (st = get_int(root, "bos_token_id", 0, 50256, &cfg->bos_id, path, err)) ||
+        (st = parse_eos(root, cfg, path, err)))
+        return st;
+
+    const cJSON *act = cJSON_GetObjectItemCaseSensitive(root, "activation_function");
+    if (act && (!cJSON_IsString(act) || (strcmp(act->valuestring, "gelu_new") != 0 &&
+                                         strcmp(act->valuestring, "gelu_pytorch_tanh") != 0)))
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: activation_function \"%.64s\" is not supported; supported: "
+                            "gelu_new, gelu_pytorch_tanh",
+                            path, cJSON_IsString(act) ? act->valuestring : "(not a string)");
+    static const char *const changes_math[] = {"scale_attn_by_inverse_layer_idx",
+                                               "add_cross_attention"};
+    for (size_t i = 0; i < 2; i++)
+        if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(root, changes_math[i])))
+            return cp_error_set(err, CP_ERR_INPUT, "%s: \"%s\": true is not supported", path,
+                                changes_math[i]);
+    if (cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(root, "scale_attn_weights")))
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: \"scale_attn_weights\": false is not supported", path);
+
+    if (cfg->n_eos_ids == 0)
+        cfg->eos_ids[cfg->n_eos_ids++] = 50256;
+    cfg->n_kv_heads = cfg->n_heads;
+    cfg->head_dim = cfg->n_heads > 0 ? cfg->hidden_size / cfg->n_heads : 0;
+    cfg->intermediate_size = inner > 0 ? inner : 4 * cfg->hidden_size;
+    cfg->rope_theta = 10000.0f; /* unused: GPT-2 has no RoPE */
+    cfg->norm = CP_NORM_LAYER;
+    cfg->mlp = CP_MLP_GELU_TANH;
+    cfg->use_rope = 0;
+    cfg->fused_qkv = 1;
+    cfg->conv1d = 1;
+    cfg->qkv_bias = cfg->o_bias = cfg->mlp_bias = 1;
+    if (cfg->n_heads > 0 && cfg->hidden_size % cfg->n_heads != 0)
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: n_embd (%d) is not a multiple of n_head (%d)", path,
+                            cfg->hidden_size, cfg->n_heads);
+    return check_shapes(cfg, path, err);
+}
+
 static cp_status parse_fields(const cJSON *root, cp_model_config *cfg, const char *path,
                               cp_error *err)
 {
     cp_status st;
+    if ((st = parse_model_type(root, cfg, path, err)))
+        return st;
+    if (strcmp(cfg->model_type, "gpt2") == 0)
+        return parse_gpt2(root, cfg, path, err);
+    cfg->use_rope = 1;
     if ((st = parse_model_type(root, cfg, path, err)) ||
         (st = get_int(root, "hidden_size", 1, 0, &cfg->hidden_size, path, err)) ||
         (st = get_int(root, "intermediate_size", 1, 0, &cfg->intermediate_size, path, err)) ||

@@ -1,7 +1,8 @@
 /*
  * Hugging Face `config.json` for decoder-only models.
  *
- * Supported model_type values: llama, mistral, qwen2. Every setting that changes the
+ * Supported model_type values: gpt2, llama, mistral, qwen2; all four are
+ * settings of one decoder (the switches below). Every setting that changes the
  * computation and that cpeft does not implement (another rope_scaling type,
  * attention biases, another activation) is an error naming the key and value,
  * so a checkpoint never runs with silently different math.
@@ -18,6 +19,16 @@ typedef enum cp_rope_scaling {
 } cp_rope_scaling;
 
 #define CP_MAX_EOS_IDS 8
+
+typedef enum cp_norm_kind {
+    CP_NORM_RMS = 0, /* RMSNorm, weight only (Llama family) */
+    CP_NORM_LAYER,   /* LayerNorm with weight and bias (GPT-2) */
+} cp_norm_kind;
+
+typedef enum cp_mlp_kind {
+    CP_MLP_SWIGLU = 0, /* down(silu(gate(x)) * up(x)) */
+    CP_MLP_GELU_TANH,  /* down(gelu_tanh(up(x))), GPT-2's c_fc and c_proj */
+} cp_mlp_kind;
 
 typedef struct cp_model_config {
     char model_type[32];
@@ -39,6 +50,13 @@ typedef struct cp_model_config {
     int qkv_bias;          /* q, k and v projections have biases (qwen2, attention_bias) */
     int o_bias;            /* o_proj has a bias (llama's attention_bias) */
     int mlp_bias;          /* gate, up and down have biases (llama's mlp_bias) */
+
+    /* Architecture switches: Llama, Mistral and Qwen2 use the defaults. */
+    cp_norm_kind norm;
+    cp_mlp_kind mlp;
+    int use_rope;          /* 0: learned absolute positions (GPT-2's wpe) */
+    int fused_qkv;         /* one q/k/v projection (GPT-2's c_attn) */
+    int conv1d;            /* linear weights stored (in, out), GPT-2's Conv1D */
 
     cp_rope_scaling rope_scaling;
     float rope_factor;

@@ -31,6 +31,7 @@ cp_status cp_backward_buffers_init(cp_backward_buffers *bb, const cp_model_confi
         {&bb->dres, BT * C},   {&bb->dnorm, BT * C}, {&bb->dbig1, BT * wide},
         {&bb->dbig2, BT * F},  {&bb->dbig3, BT * F}, {&bb->dq, BT * qd},
         {&bb->dk, BT * kvd},   {&bb->dv, BT * kvd},
+        {&bb->dqkv, BT * (qd + 2 * kvd)},
         {&bb->scratch, (size_t)B * cfg->n_heads * T * T},
     };
     size_t n_fields = sizeof table / sizeof *table, total = 0;
@@ -60,31 +61,76 @@ static void project_backward(const cp_model *m, int l, cp_proj p, float *dx, con
 {
     int in, out;
     cp_proj_shape(&m->cfg, p, &in, &out);
-    cp_matmul_backward(dx, NULL, NULL, dout, x, cp_model_proj_weight(m, l, p), N, in, out);
+    if (m->cfg.conv1d)
+        cp_matmul_kn_backward(dx, NULL, NULL, dout, x, cp_model_proj_weight(m, l, p), N, in, out);
+    else
+        cp_matmul_backward(dx, NULL, NULL, dout, x, cp_model_proj_weight(m, l, p), N, in, out);
     if (m->lora)
         cp_lora_backward(m->lora, l, p, dx, dout, x, N);
 }
 
-/* Pointers to layer l's saved activations (the slice layout of forward.c). */
-typedef struct saved_layer {
-    const float *residual, *norm1, *rstd1, *q, *k, *v, *att, *attn_out;
-    const float *mid, *norm2, *rstd2, *gate, *up, *swiglu;
-} saved_layer;
-
-static saved_layer saved_at(const cp_forward_buffers *fb, const cp_model_config *c, int l)
+/* Backward of cp_model_norm: accumulates into dinp; the norm's own weights
+ * are frozen. */
+static void norm_backward(const cp_model *m, float *dinp, const float *dout, const float *inp,
+                          const float *weight, const float *mean, const float *rstd, int N)
 {
-    size_t BT = (size_t)fb->B * fb->T, C = c->hidden_size, F = c->intermediate_size;
-    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
-    size_t att = (size_t)fb->B * c->n_heads * fb->T * fb->T;
-    return (saved_layer){
-        .residual = fb->residual + l * BT * C, .norm1 = fb->norm1 + l * BT * C,
-        .rstd1 = fb->rstd1 + l * BT,           .q = fb->q + l * BT * qd,
-        .k = fb->k + l * BT * kvd,             .v = fb->v + l * BT * kvd,
-        .att = fb->att + l * att,              .attn_out = fb->attn_out + l * BT * qd,
-        .mid = fb->mid + l * BT * C,           .norm2 = fb->norm2 + l * BT * C,
-        .rstd2 = fb->rstd2 + l * BT,           .gate = fb->gate + l * BT * F,
-        .up = fb->up + l * BT * F,             .swiglu = fb->swiglu + l * BT * F,
-    };
+    int C = m->cfg.hidden_size;
+    if (m->cfg.norm == CP_NORM_LAYER)
+        cp_layernorm_backward(dinp, NULL, NULL, dout, inp, weight, mean, rstd, N, C);
+    else
+        cp_rmsnorm_backward(dinp, NULL, dout, inp, weight, rstd, N, C);
+}
+
+/* MLP block: x_out = mid + down(act(n2)), n2 = norm2(mid), where act is
+ * silu(gate(n2)) * up(n2) or gelu_tanh(up(n2)). */
+static void mlp_backward(const cp_model *m, cp_backward_buffers *bb, const cp_layer_acts *a,
+                         int l, int N)
+{
+    const cp_layer_weights *w = &m->layers[l];
+    size_t NF = (size_t)N * m->cfg.intermediate_size;
+    float *dhidden = bb->dbig1, *dgate = bb->dbig2, *dup = bb->dbig3;
+
+    memset(dhidden, 0, NF * sizeof(float));
+    project_backward(m, l, CP_PROJ_DOWN, dhidden, bb->dres, a->swiglu, N);
+    memset(dup, 0, NF * sizeof(float));
+    memset(bb->dnorm, 0, (size_t)N * m->cfg.hidden_size * sizeof(float));
+    if (m->cfg.mlp == CP_MLP_GELU_TANH) {
+        cp_gelu_tanh_backward(dup, dhidden, a->up, NF);
+    } else {
+        memset(dgate, 0, NF * sizeof(float));
+        cp_swiglu_backward(dgate, dup, dhidden, a->gate, a->up, NF);
+        project_backward(m, l, CP_PROJ_GATE, bb->dnorm, dgate, a->norm2, N);
+    }
+    project_backward(m, l, CP_PROJ_UP, bb->dnorm, dup, a->norm2, N);
+    norm_backward(m, bb->dres, bb->dnorm, a->mid, w->mlp_norm, a->mean2, a->rstd2, N);
+}
+
+/* Backward of cp_model_qkv: dq, dk and dv (RoPE undone in place) into
+ * bb->dnorm through the q/k/v projections, fused or separate. */
+static void qkv_backward(const cp_model *m, const cp_forward_buffers *fb, cp_backward_buffers *bb,
+                         const float *x, int l, int N)
+{
+    const cp_model_config *c = &m->cfg;
+    int H = c->n_heads, KVH = c->n_kv_heads, D = c->head_dim;
+    if (c->use_rope) {
+        cp_rope_backward(bb->dq, fb->pos, N, H, D, m->inv_freq);
+        cp_rope_backward(bb->dk, fb->pos, N, KVH, D, m->inv_freq);
+    }
+    memset(bb->dnorm, 0, (size_t)N * c->hidden_size * sizeof(float));
+    if (!c->fused_qkv) {
+        project_backward(m, l, CP_PROJ_Q, bb->dnorm, bb->dq, x, N);
+        project_backward(m, l, CP_PROJ_K, bb->dnorm, bb->dk, x, N);
+        project_backward(m, l, CP_PROJ_V, bb->dnorm, bb->dv, x, N);
+        return;
+    }
+    /* Rows of the fused output are [q | k | v]; their gradient is assembled the same way. */
+    size_t qd = (size_t)H * D, kvd = (size_t)KVH * D, row = qd + 2 * kvd;
+    for (int n = 0; n < N; n++) {
+        memcpy(bb->dqkv + n * row, bb->dq + n * qd, qd * sizeof(float));
+        memcpy(bb->dqkv + n * row + qd, bb->dk + n * kvd, kvd * sizeof(float));
+        memcpy(bb->dqkv + n * row + qd + kvd, bb->dv + n * kvd, kvd * sizeof(float));
+    }
+    project_backward(m, l, CP_PROJ_QKV, bb->dnorm, bb->dqkv, x, N);
 }
 
 /* Layer l backward: bb->dres holds d(layer output) on entry and d(layer
@@ -94,24 +140,13 @@ static void layer_backward(const cp_model *m, const cp_forward_buffers *fb,
 {
     const cp_model_config *c = &m->cfg;
     const cp_layer_weights *w = &m->layers[l];
-    saved_layer a = saved_at(fb, c, (size_t)l);
-    int B = fb->B, T = fb->T, N = B * T, C = c->hidden_size, F = c->intermediate_size;
+    cp_layer_acts a = cp_forward_layer(fb, c, l);
+    int B = fb->B, T = fb->T, N = B * T;
     int H = c->n_heads, KVH = c->n_kv_heads, D = c->head_dim;
-    size_t NC = (size_t)N * C;
 
-    /* MLP block: x_out = mid + down(swiglu(gate(n2), up(n2))), n2 = norm2(mid). */
-    float *dswiglu = bb->dbig1, *dgate = bb->dbig2, *dup = bb->dbig3;
-    memset(dswiglu, 0, (size_t)N * F * sizeof(float));
-    project_backward(m, l, CP_PROJ_DOWN, dswiglu, bb->dres, a.swiglu, N);
-    memset(dgate, 0, (size_t)N * F * sizeof(float));
-    memset(dup, 0, (size_t)N * F * sizeof(float));
-    cp_swiglu_backward(dgate, dup, dswiglu, a.gate, a.up, (size_t)N * F);
-    memset(bb->dnorm, 0, NC * sizeof(float));
-    project_backward(m, l, CP_PROJ_GATE, bb->dnorm, dgate, a.norm2, N);
-    project_backward(m, l, CP_PROJ_UP, bb->dnorm, dup, a.norm2, N);
-    cp_rmsnorm_backward(bb->dres, NULL, bb->dnorm, a.mid, w->mlp_norm, a.rstd2, N, C);
+    mlp_backward(m, bb, &a, l, N);
 
-    /* Attention block: mid = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm1(x). */
+    /* Attention block: mid = x + o(attn(q, k, v)), with q, k, v from n1 = norm1(x). */
     float *dattn = bb->dbig1;
     memset(dattn, 0, (size_t)N * H * D * sizeof(float));
     project_backward(m, l, CP_PROJ_O, dattn, bb->dres, a.attn_out, N);
@@ -120,13 +155,8 @@ static void layer_backward(const cp_model *m, const cp_forward_buffers *fb,
     memset(bb->dv, 0, (size_t)N * KVH * D * sizeof(float));
     cp_attention_backward(bb->dq, bb->dk, bb->dv, bb->scratch, dattn, a.att, a.q, a.k, a.v, B, T,
                           H, KVH, D, c->sliding_window);
-    cp_rope_backward(bb->dq, fb->pos, N, H, D, m->inv_freq);
-    cp_rope_backward(bb->dk, fb->pos, N, KVH, D, m->inv_freq);
-    memset(bb->dnorm, 0, NC * sizeof(float));
-    project_backward(m, l, CP_PROJ_Q, bb->dnorm, bb->dq, a.norm1, N);
-    project_backward(m, l, CP_PROJ_K, bb->dnorm, bb->dk, a.norm1, N);
-    project_backward(m, l, CP_PROJ_V, bb->dnorm, bb->dv, a.norm1, N);
-    cp_rmsnorm_backward(bb->dres, NULL, bb->dnorm, a.residual, w->attn_norm, a.rstd1, N, C);
+    qkv_backward(m, fb, bb, a.norm1, l, N);
+    norm_backward(m, bb->dres, bb->dnorm, a.residual, w->attn_norm, a.mean1, a.rstd1, N);
 }
 
 double cp_model_backward(const cp_model *m, cp_forward_buffers *fb, cp_backward_buffers *bb,
@@ -155,10 +185,10 @@ double cp_model_backward(const cp_model *m, cp_forward_buffers *fb, cp_backward_
     memset(bb->dnorm, 0, (size_t)N * C * sizeof(float));
     cp_matmul_backward(bb->dnorm, NULL, NULL, fb->logits, fb->norm_f, m->lm_head, N, C, V);
     memset(bb->dres, 0, (size_t)N * C * sizeof(float));
-    cp_rmsnorm_backward(bb->dres, NULL, bb->dnorm, fb->final, m->final_norm, fb->rstd_f, N, C);
+    norm_backward(m, bb->dres, bb->dnorm, fb->final, m->final_norm, fb->mean_f, fb->rstd_f, N);
 
     for (int l = c->n_layers - 1; l >= 0; l--)
         layer_backward(m, fb, bb, l);
-    /* The embedding is frozen: the gradient stops at the first residual. */
+    /* The embeddings are frozen: the gradient stops at the first residual. */
     return counted ? total / counted : 0.0;
 }

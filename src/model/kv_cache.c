@@ -26,8 +26,8 @@ cp_status cp_kv_cache_init(cp_kv_cache *kv, const cp_model_config *cfg, int n_ct
     } table[] = {
         {&kv->k, cache}, {&kv->v, cache},    {&kv->x, C},     {&kv->xn, C},
         {&kv->q, qd},    {&kv->attn_out, qd}, {&kv->proj, C}, {&kv->gate, F},
-        {&kv->up, F},    {&kv->scores, (size_t)cfg->n_heads * n_ctx},
-        {&kv->logits, V},
+        {&kv->up, F},    {&kv->hidden, F},    {&kv->qkv, qd + 2 * kvd},
+        {&kv->scores, (size_t)cfg->n_heads * n_ctx}, {&kv->logits, V},
     };
     size_t n_fields = sizeof table / sizeof *table, total = 0;
     for (size_t i = 0; i < n_fields; i++)
@@ -59,38 +59,31 @@ static void add_inplace(float *dst, const float *src, int n)
 void cp_kv_cache_step(const cp_model *m, cp_kv_cache *kv, int32_t token)
 {
     const cp_model_config *c = &m->cfg;
-    int C = c->hidden_size, F = c->intermediate_size;
-    int H = c->n_heads, KVH = c->n_kv_heads, D = c->head_dim;
+    int C = c->hidden_size, H = c->n_heads, KVH = c->n_kv_heads, D = c->head_dim;
     int pos = kv->len;
     size_t kvd = (size_t)KVH * D;
     CP_ASSERT(pos < kv->n_ctx);
 
-    memcpy(kv->x, m->embed + (size_t)token * C, (size_t)C * sizeof(float));
+    cp_model_embed(m, kv->x, &token, &pos, 1);
     for (int l = 0; l < c->n_layers; l++) {
         const cp_layer_weights *w = &m->layers[l];
         float *k_cache = kv->k + (size_t)l * kv->n_ctx * kvd;
         float *v_cache = kv->v + (size_t)l * kv->n_ctx * kvd;
-        float *k_new = k_cache + (size_t)pos * kvd, *v_new = v_cache + (size_t)pos * kvd;
 
-        cp_rmsnorm_forward(kv->xn, NULL, kv->x, w->attn_norm, 1, C, c->rms_norm_eps);
-        cp_model_project(m, l, CP_PROJ_Q, kv->q, kv->xn, 1);
-        cp_model_project(m, l, CP_PROJ_K, k_new, kv->xn, 1);
-        cp_model_project(m, l, CP_PROJ_V, v_new, kv->xn, 1);
-        cp_rope_forward(kv->q, &pos, 1, H, D, m->inv_freq);
-        cp_rope_forward(k_new, &pos, 1, KVH, D, m->inv_freq);
+        cp_model_norm(m, kv->xn, NULL, NULL, kv->x, w->attn_norm, w->attn_norm_bias, 1);
+        cp_model_qkv(m, l, kv->q, k_cache + (size_t)pos * kvd, v_cache + (size_t)pos * kvd,
+                     kv->xn, kv->qkv, &pos, 1);
         cp_attention_decode(kv->attn_out, kv->scores, kv->q, k_cache, v_cache, pos + 1, H, KVH,
                             D, c->sliding_window);
         cp_model_project(m, l, CP_PROJ_O, kv->proj, kv->attn_out, 1);
         add_inplace(kv->x, kv->proj, C);
 
-        cp_rmsnorm_forward(kv->xn, NULL, kv->x, w->mlp_norm, 1, C, c->rms_norm_eps);
-        cp_model_project(m, l, CP_PROJ_GATE, kv->gate, kv->xn, 1);
-        cp_model_project(m, l, CP_PROJ_UP, kv->up, kv->xn, 1);
-        cp_swiglu_forward(kv->gate, kv->gate, kv->up, (size_t)F);
-        cp_model_project(m, l, CP_PROJ_DOWN, kv->proj, kv->gate, 1);
+        cp_model_norm(m, kv->xn, NULL, NULL, kv->x, w->mlp_norm, w->mlp_norm_bias, 1);
+        cp_model_mlp_hidden(m, l, kv->hidden, kv->gate, kv->up, kv->xn, 1);
+        cp_model_project(m, l, CP_PROJ_DOWN, kv->proj, kv->hidden, 1);
         add_inplace(kv->x, kv->proj, C);
     }
-    cp_rmsnorm_forward(kv->xn, NULL, kv->x, m->final_norm, 1, C, c->rms_norm_eps);
+    cp_model_norm(m, kv->xn, NULL, NULL, kv->x, m->final_norm, m->final_norm_bias, 1);
     cp_matmul_forward(kv->logits, kv->xn, m->lm_head, NULL, 1, C, c->vocab_size);
     kv->len = pos + 1;
 }

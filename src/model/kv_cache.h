@@ -19,6 +19,8 @@ typedef struct cp_kv_cache {
     float *proj;     /* (C) */
     float *gate;     /* (F) */
     float *up;       /* (F) */
+    float *hidden;   /* (F) the MLP's activation */
+    float *qkv;      /* (H D + 2 KVH D) a fused q/k/v product */
     float *scores;   /* (H, n_ctx) */
     float *logits;   /* (V) */
     float *memory;   /* the single allocation behind every buffer above */

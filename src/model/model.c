@@ -1,5 +1,5 @@
 /*
- * Loading a Hugging Face Llama, Mistral or Qwen2 folder: config.json plus its
+ * Loading a Hugging Face GPT-2, Llama, Mistral or Qwen2 folder: config.json plus its
  * safetensors weights (one file or shards). Every tensor the config implies
  * must be present with the exact shape; tensors the decoder does not use
  * (a stored rotary inv_freq, say) are ignored.
@@ -100,43 +100,70 @@ static cp_status bind(cp_model *m, const char *name, int64_t rows, int64_t cols,
     return keep_owned(m, buf, err);
 }
 
-static cp_status bind_layer(cp_model *m, int l, cp_error *err)
+/* Tensor names of one architecture: the prefix of every name, of a layer,
+ * and the module names of the norms and embeddings. */
+typedef struct layout {
+    char prefix[32];       /* "model." (Llama), "transformer." or "" (GPT-2) */
+    const char *layer;     /* "layers" or "h" */
+    const char *norm1, *norm2, *final_norm, *embed, *pos_embed;
+} layout;
+
+static layout layout_for(const cp_model *m)
+{
+    layout lay = {"model.", "layers", "input_layernorm", "post_attention_layernorm", "norm",
+                  "embed_tokens", NULL};
+    if (!m->cfg.conv1d)
+        return lay;
+    /* GPT-2 checkpoints name tensors with or without the "transformer." prefix. */
+    lay = (layout){"transformer.", "h", "ln_1", "ln_2", "ln_f", "wte", "wpe"};
+    if (!cp_safetensors_find(m->weights, "transformer.wte.weight"))
+        lay.prefix[0] = '\0';
+    return lay;
+}
+
+/* Binds a norm's weight and, for LayerNorm, its bias. */
+static cp_status bind_norm(cp_model *m, const char *module, const float **weight,
+                           const float **bias, cp_error *err)
+{
+    char name[200];
+    snprintf(name, sizeof name, "%s.weight", module);
+    cp_status st = bind(m, name, m->cfg.hidden_size, 0, weight, err);
+    if (st != CP_OK || m->cfg.norm != CP_NORM_LAYER)
+        return st;
+    snprintf(name, sizeof name, "%s.bias", module);
+    return bind(m, name, m->cfg.hidden_size, 0, bias, err);
+}
+
+static cp_status bind_layer(cp_model *m, const layout *lay, int l, cp_error *err)
 {
     const cp_model_config *c = &m->cfg;
-    int64_t C = c->hidden_size, F = c->intermediate_size;
-    int64_t q_dim = (int64_t)c->n_heads * c->head_dim, kv_dim = (int64_t)c->n_kv_heads * c->head_dim;
     cp_layer_weights *w = &m->layers[l];
-    char name[160];
+    char base[96], name[200];
     cp_status st;
+    snprintf(base, sizeof base, "%s%s.%d.", lay->prefix, lay->layer, l);
 
-#define BIND(field, suffix, rows, cols)                                                \
-    do {                                                                               \
-        snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix);                  \
-        if ((st = bind(m, name, rows, cols, &w->field, err)) != CP_OK)                 \
-            return st;                                                                 \
-    } while (0)
+    snprintf(name, sizeof name, "%s%s", base, lay->norm1);
+    if ((st = bind_norm(m, name, &w->attn_norm, &w->attn_norm_bias, err)))
+        return st;
+    snprintf(name, sizeof name, "%s%s", base, lay->norm2);
+    if ((st = bind_norm(m, name, &w->mlp_norm, &w->mlp_norm_bias, err)))
+        return st;
 
-    BIND(attn_norm, "input_layernorm.weight", C, 0);
-    BIND(wq, "self_attn.q_proj.weight", q_dim, C);
-    BIND(wk, "self_attn.k_proj.weight", kv_dim, C);
-    BIND(wv, "self_attn.v_proj.weight", kv_dim, C);
-    BIND(wo, "self_attn.o_proj.weight", C, q_dim);
-    BIND(mlp_norm, "post_attention_layernorm.weight", C, 0);
-    BIND(w_gate, "mlp.gate_proj.weight", F, C);
-    BIND(w_up, "mlp.up_proj.weight", F, C);
-    BIND(w_down, "mlp.down_proj.weight", C, F);
-#undef BIND
-
-    /* Bias vectors of the projections the config says have one. */
-    int has_bias[CP_PROJ_COUNT] = {c->qkv_bias, c->qkv_bias, c->qkv_bias, c->o_bias,
-                                   c->mlp_bias, c->mlp_bias, c->mlp_bias};
+    /* Projections: (out, in) as nn.Linear stores them, (in, out) for Conv1D;
+     * biases where the config says the projection has one. */
     for (int p = 0; p < CP_PROJ_COUNT; p++) {
-        if (!has_bias[p])
+        if (!cp_proj_exists(c, (cp_proj)p))
             continue;
         int in, out;
         cp_proj_shape(c, (cp_proj)p, &in, &out);
-        snprintf(name, sizeof name, "model.layers.%d.%s.bias", l, cp_proj_path((cp_proj)p));
-        if ((st = bind(m, name, out, 0, &w->bias[p], err)) != CP_OK)
+        snprintf(name, sizeof name, "%s%s.weight", base, cp_proj_path(c, (cp_proj)p));
+        if ((st = bind(m, name, c->conv1d ? in : out, c->conv1d ? out : in, &w->w[p], err)))
+            return st;
+        int has_bias = p == CP_PROJ_O ? c->o_bias
+                       : (p == CP_PROJ_GATE || p == CP_PROJ_UP || p == CP_PROJ_DOWN) ? c->mlp_bias
+                                                                                     : c->qkv_bias;
+        snprintf(name, sizeof name, "%s%s.bias", base, cp_proj_path(c, (cp_proj)p));
+        if (has_bias && (st = bind(m, name, out, 0, &w->bias[p], err)))
             return st;
     }
     return CP_OK;
@@ -145,10 +172,19 @@ static cp_status bind_layer(cp_model *m, int l, cp_error *err)
 static cp_status bind_all(cp_model *m, cp_error *err)
 {
     const cp_model_config *c = &m->cfg;
+    layout lay = layout_for(m);
+    char name[200];
     cp_status st;
-    if ((st = bind(m, "model.embed_tokens.weight", c->vocab_size, c->hidden_size, &m->embed,
-                   err)) ||
-        (st = bind(m, "model.norm.weight", c->hidden_size, 0, &m->final_norm, err)))
+
+    snprintf(name, sizeof name, "%s%s.weight", lay.prefix, lay.embed);
+    if ((st = bind(m, name, c->vocab_size, c->hidden_size, &m->embed, err)))
+        return st;
+    snprintf(name, sizeof name, "%s%s.weight", lay.prefix, lay.pos_embed ? lay.pos_embed : "");
+    if (lay.pos_embed && (st = bind(m, name, c->max_position_embeddings, c->hidden_size,
+                                    &m->pos_embed, err)))
+        return st;
+    snprintf(name, sizeof name, "%s%s", lay.prefix, lay.final_norm);
+    if ((st = bind_norm(m, name, &m->final_norm, &m->final_norm_bias, err)))
         return st;
 
     if (c->tie_word_embeddings) {
@@ -162,10 +198,10 @@ static cp_status bind_all(cp_model *m, cp_error *err)
     if (!m->layers)
         return cp_error_nomem(err, "layer table", (size_t)c->n_layers * sizeof *m->layers);
     for (int l = 0; l < c->n_layers; l++)
-        if ((st = bind_layer(m, l, err)))
+        if ((st = bind_layer(m, &lay, l, err)))
             return st;
 
-    m->inv_freq = malloc((size_t)(c->head_dim / 2) * sizeof *m->inv_freq);
+    m->inv_freq = malloc((size_t)(c->head_dim / 2 + 1) * sizeof *m->inv_freq);
     if (!m->inv_freq)
         return cp_error_nomem(err, "RoPE table", (size_t)c->head_dim * sizeof(float));
     cp_rope_inv_freq(m->inv_freq, c);

@@ -17,17 +17,14 @@
 #include "io/safetensors.h"
 #include "model/projection.h"
 
-/* One decoder layer's frozen weights, shapes as PyTorch stores them. */
+/* One decoder layer's frozen weights. Projections are stored (out, in) as
+ * nn.Linear keeps them, or (in, out) when cfg.conv1d (GPT-2). */
 typedef struct cp_layer_weights {
-    const float *attn_norm; /* (C) */
-    const float *wq;        /* (H*D, C) */
-    const float *wk;        /* (KVH*D, C) */
-    const float *wv;        /* (KVH*D, C) */
-    const float *wo;        /* (C, H*D) */
-    const float *mlp_norm;  /* (C) */
-    const float *w_gate;    /* (F, C) */
-    const float *w_up;      /* (F, C) */
-    const float *w_down;    /* (C, F) */
+    const float *attn_norm;      /* (C) */
+    const float *attn_norm_bias; /* (C), LayerNorm only, else NULL */
+    const float *mlp_norm;       /* (C) */
+    const float *mlp_norm_bias;  /* (C), LayerNorm only, else NULL */
+    const float *w[CP_PROJ_COUNT];    /* NULL for projections the architecture lacks */
     const float *bias[CP_PROJ_COUNT]; /* (out) each; NULL where the model has none */
 } cp_layer_weights;
 
@@ -36,8 +33,10 @@ struct cp_model {
     char *dir;                /* the folder it was loaded from */
     cp_safetensors *weights;  /* the mapped checkpoint */
     const float *embed;       /* (V, C) */
+    const float *pos_embed;   /* (max positions, C) learned positions, or NULL (RoPE) */
     cp_layer_weights *layers; /* (n_layers) */
     const float *final_norm;  /* (C) */
+    const float *final_norm_bias; /* (C), LayerNorm only */
     const float *lm_head;     /* (V, C); equals embed when tied */
     float *inv_freq;          /* (D/2) RoPE frequencies */
     float **owned;            /* widened copies, freed with the model */
@@ -48,6 +47,26 @@ struct cp_model {
 
 /* The frozen weight (out, in) of projection proj (a cp_proj) in layer l. */
 const float *cp_model_proj_weight(const cp_model *m, int l, int proj);
+
+/* Normalizes N rows of inp (RMSNorm or LayerNorm, as cfg.norm says); mean
+ * and rstd (N) may be NULL, bias is NULL for RMSNorm. */
+void cp_model_norm(const cp_model *m, float *out, float *mean, float *rstd, const float *inp,
+                   const float *weight, const float *bias, int N);
+
+/* Token embeddings of ids (N), plus learned position embeddings at pos (N)
+ * when the model has them. */
+void cp_model_embed(const cp_model *m, float *out, const int32_t *ids, const int *pos, int N);
+
+/* Layer l's queries (N, H, D), keys and values (N, KVH, D) of x (N, C), with
+ * RoPE applied where the model uses it. qkv is scratch of (N, (H + 2 KVH) D)
+ * for a fused projection. */
+void cp_model_qkv(const cp_model *m, int l, float *q, float *k, float *v, const float *x,
+                  float *qkv, const int *pos, int N);
+
+/* Layer l's MLP hidden activation (N, F) of x (N, C); gate and up (N, F)
+ * keep the pre-activations (gate only for SwiGLU). */
+void cp_model_mlp_hidden(const cp_model *m, int l, float *hidden, float *gate, float *up,
+                         const float *x, int N);
 
 /* One projection of layer l: out (N, out) = x Wᵀ plus the attached
  * adapter's contribution, if any. */
@@ -60,6 +79,7 @@ typedef struct cp_forward_buffers {
     int B, T, n_saved_layers;
     float *residual;  /* per layer: (B, T, C) input of the layer */
     float *norm1;     /* per layer: (B, T, C) after the attention RMSNorm */
+    float *mean1;     /* per layer: (B, T), LayerNorm only */
     float *rstd1;     /* per layer: (B, T) */
     float *q;         /* per layer: (B, T, H, D) after RoPE */
     float *k;         /* per layer: (B, T, KVH, D) after RoPE */
@@ -68,18 +88,30 @@ typedef struct cp_forward_buffers {
     float *attn_out;  /* per layer: (B, T, H, D) before o_proj */
     float *mid;       /* per layer: (B, T, C) residual after attention */
     float *norm2;     /* per layer: (B, T, C) after the MLP RMSNorm */
+    float *mean2;     /* per layer: (B, T), LayerNorm only */
     float *rstd2;     /* per layer: (B, T) */
-    float *gate;      /* per layer: (B, T, F) */
+    float *gate;      /* per layer: (B, T, F), SwiGLU only */
     float *up;        /* per layer: (B, T, F) */
-    float *swiglu;    /* per layer: (B, T, F) silu(gate) * up */
+    float *swiglu;    /* per layer: (B, T, F) the MLP's hidden activation:
+                       * silu(gate) * up, or gelu_tanh(up) */
     float *scratch;   /* (B, T, C) projection outputs before the residual add */
     float *final;     /* (B, T, C) output of the last layer */
     float *norm_f;    /* (B, T, C) after the final RMSNorm */
+    float *mean_f;    /* (B, T), LayerNorm only */
     float *rstd_f;    /* (B, T) */
+    float *qkv;       /* (B, T, (H + 2 KVH) D) scratch of a fused q/k/v product */
     float *logits;    /* (B, T, V) */
     int *pos;         /* (B, T) positions 0..T-1 */
     float *memory;    /* the single allocation behind every buffer above */
 } cp_forward_buffers;
+
+/* Pointers to layer l's slice of each per-layer buffer of fb. */
+typedef struct cp_layer_acts {
+    float *residual, *norm1, *mean1, *rstd1, *q, *k, *v, *att, *attn_out;
+    float *mid, *norm2, *mean2, *rstd2, *gate, *up, *swiglu;
+} cp_layer_acts;
+
+cp_layer_acts cp_forward_layer(const cp_forward_buffers *fb, const cp_model_config *cfg, int l);
 
 cp_status cp_forward_buffers_init(cp_forward_buffers *fb, const cp_model_config *cfg, int B,
                                   int T, int save_all_layers, cp_error *err);
@@ -99,6 +131,7 @@ typedef struct cp_backward_buffers {
     float *dq;      /* (B, T, H*D) */
     float *dk;      /* (B, T, KVH*D) */
     float *dv;      /* (B, T, KVH*D) */
+    float *dqkv;    /* (B, T, (H + 2 KVH) D), a fused q/k/v projection's gradient */
     float *scratch; /* (B, H, T, T) */
     float *memory;
 } cp_backward_buffers;

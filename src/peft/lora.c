@@ -16,7 +16,7 @@ cp_lora_params cp_lora_default_params(void)
         .alpha = 16.0f,
         .dropout = 0.0f,
         .use_rslora = 0,
-        .targets = (1u << CP_PROJ_Q) | (1u << CP_PROJ_V),
+        .targets = (1u << CP_PROJ_Q) | (1u << CP_PROJ_V), /* Llama's default; GPT-2's is c_attn */
         .seed = 42,
     };
 }
@@ -65,6 +65,11 @@ cp_status cp_lora_init(cp_lora *lora, const cp_model_config *cfg, const cp_lora_
         return cp_error_set(err, CP_ERR_INPUT,
                             "invalid LoRA settings: r must be positive, alpha positive, dropout "
                             "in [0, 1), and at least one target module given");
+    if (p->targets & ~cp_proj_all(cfg))
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "LoRA targets include a projection that model_type %s does not have",
+                            cfg->model_type);
+    lora->cfg = *cfg;
     lora->params = *p;
     lora->n_layers = cfg->n_layers;
     lora->scaling = p->use_rslora ? p->alpha / sqrtf((float)p->r) : p->alpha / (float)p->r;

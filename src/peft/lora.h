@@ -22,7 +22,7 @@ typedef struct cp_lora_params {
     float alpha;
     float dropout;      /* probability of zeroing an input element, in [0, 1) */
     int use_rslora;     /* scaling alpha / sqrt(r) instead of alpha / r */
-    unsigned targets;   /* bit mask of (1 << cp_proj) */
+    unsigned targets;   /* bit mask of (1 << cp_proj); cp_proj_parse_list builds it */
     uint64_t seed;      /* initialization and dropout */
 } cp_lora_params;
 
@@ -37,6 +37,7 @@ typedef struct cp_lora_slot {
 } cp_lora_slot;
 
 typedef struct cp_lora {
+    cp_model_config cfg; /* the base model's, for names and shapes */
     cp_lora_params params;
     float scaling;
     int n_layers;

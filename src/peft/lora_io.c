@@ -10,10 +10,12 @@
 #include "core/file.h"
 #include "io/safetensors.h"
 
-void cp_lora_tensor_name(char *buf, size_t size, int layer, cp_proj p, char which)
+void cp_lora_tensor_name(const cp_model_config *cfg, char *buf, size_t size, int layer,
+                         cp_proj p, char which)
 {
-    snprintf(buf, size, "base_model.model.model.layers.%d.%s.lora_%c.weight", layer,
-             cp_proj_path(p), which);
+    const char *layers = cfg->conv1d ? "transformer.h" : "model.layers";
+    snprintf(buf, size, "base_model.model.%s.%d.%s.lora_%c.weight", layers, layer,
+             cp_proj_path(cfg, p), which);
 }
 
 /* The double nearest the float's shortest decimal form, so that 0.05f is
@@ -41,13 +43,23 @@ static cJSON *build_config(const cp_lora *lora, const char *base_model)
         cJSON_Delete(targets);
         return NULL;
     }
-    for (int i = 0; i < CP_PROJ_COUNT; i++)
-        if (p->targets & (1u << i))
-            cJSON_AddItemToArray(targets, cJSON_CreateString(cp_proj_name((cp_proj)i)));
+    /* GPT-2's two c_proj modules share one name, listed once. */
+    for (int i = 0; i < CP_PROJ_COUNT; i++) {
+        if (!(p->targets & (1u << i)))
+            continue;
+        const char *name = cp_proj_name(&lora->cfg, (cp_proj)i);
+        int listed = 0;
+        for (int j = 0; j < i; j++)
+            if (p->targets & (1u << j))
+                listed |= strcmp(cp_proj_name(&lora->cfg, (cp_proj)j), name) == 0;
+        if (!listed)
+            cJSON_AddItemToArray(targets, cJSON_CreateString(name));
+    }
 
     cJSON_AddStringToObject(root, "base_model_name_or_path", base_model);
     cJSON_AddStringToObject(root, "bias", "none");
-    cJSON_AddBoolToObject(root, "fan_in_fan_out", 0);
+    /* PEFT sets fan_in_fan_out for GPT-2, whose Conv1D weights are (in, out). */
+    cJSON_AddBoolToObject(root, "fan_in_fan_out", lora->cfg.conv1d);
     cJSON_AddBoolToObject(root, "inference_mode", 1);
     cJSON_AddBoolToObject(root, "init_lora_weights", 1);
     cJSON_AddNullToObject(root, "layers_pattern");
@@ -80,7 +92,8 @@ cp_status cp_lora_save(const cp_lora *lora, const char *dir, const char *base_mo
             if (!s->A)
                 continue;
             for (int which = 0; which < 2; which++, n++) {
-                cp_lora_tensor_name(names[n], sizeof names[n], l, (cp_proj)p, "AB"[which]);
+                cp_lora_tensor_name(&lora->cfg, names[n], sizeof names[n], l, (cp_proj)p,
+                                    "AB"[which]);
                 cp_st_tensor *t = &tensors[n];
                 t->name = names[n];
                 t->dtype = CP_DTYPE_F32;
@@ -136,12 +149,12 @@ static cp_status reject_if_set(const cJSON *root, const char *key, const char *p
                         path, key);
 }
 
-static cp_status parse_targets(const cJSON *item, unsigned *mask, const char *path,
-                               cp_error *err)
+static cp_status parse_targets(const cp_model_config *cfg, const cJSON *item, unsigned *mask,
+                               const char *path, cp_error *err)
 {
     cp_status st;
     if (cJSON_IsString(item)) {
-        st = cp_proj_parse_list(item->valuestring, mask, err);
+        st = cp_proj_parse_list(cfg, item->valuestring, mask, err);
         return st ? cp_error_prefix(err, "%s: target_modules", path) : CP_OK;
     }
     if (!cJSON_IsArray(item) || cJSON_GetArraySize(item) == 0)
@@ -154,7 +167,7 @@ static cp_status parse_targets(const cJSON *item, unsigned *mask, const char *pa
         unsigned one = 0;
         if (!cJSON_IsString(el))
             return cp_error_set(err, CP_ERR_INPUT, "%s: target_modules must list strings", path);
-        if ((st = cp_proj_parse_list(el->valuestring, &one, err)))
+        if ((st = cp_proj_parse_list(cfg, el->valuestring, &one, err)))
             return cp_error_prefix(err, "%s: target_modules", path);
         *mask |= one;
     }
@@ -162,8 +175,8 @@ static cp_status parse_targets(const cJSON *item, unsigned *mask, const char *pa
 }
 
 /* Fills p from adapter_config.json's text. */
-static cp_status parse_config(const char *text, const char *path, cp_lora_params *p,
-                              cp_error *err)
+static cp_status parse_config(const cp_model_config *cfg, const char *text, const char *path,
+                              cp_lora_params *p, cp_error *err)
 {
     cJSON *root = cJSON_Parse(text);
     if (!cJSON_IsObject(root)) {
@@ -195,14 +208,21 @@ static cp_status parse_config(const char *text, const char *path, cp_lora_params
                           path, cJSON_IsString(task) ? task->valuestring : "(not a string)");
     static const char *const unsupported[] = {
         "use_dora", "modules_to_save", "layers_to_transform", "rank_pattern",
-        "alpha_pattern", "fan_in_fan_out", "layer_replication", "lora_bias"};
+        "alpha_pattern", "layer_replication", "lora_bias"};
     for (size_t i = 0; st == CP_OK && i < sizeof unsupported / sizeof *unsupported; i++)
         st = reject_if_set(root, unsupported[i], path, err);
     if (st == CP_OK)
         st = reject_if_set(root, "bias", path, err);
+    const cJSON *fan = cJSON_GetObjectItemCaseSensitive(root, "fan_in_fan_out");
+    if (st == CP_OK && cJSON_IsTrue(fan) != cfg->conv1d)
+        st = cp_error_set(err, CP_ERR_INPUT,
+                          "%s: fan_in_fan_out is %s but the base model (%s) stores its weights "
+                          "%s; the adapter was made for another architecture",
+                          path, cJSON_IsTrue(fan) ? "true" : "false", cfg->model_type,
+                          cfg->conv1d ? "(in, out)" : "(out, in)");
     if (st == CP_OK)
-        st = parse_targets(cJSON_GetObjectItemCaseSensitive(root, "target_modules"), &p->targets,
-                           path, err);
+        st = parse_targets(cfg, cJSON_GetObjectItemCaseSensitive(root, "target_modules"),
+                           &p->targets, path, err);
     if (st == CP_OK) {
         p->r = r->valueint;
         p->alpha = (float)alpha->valuedouble;
@@ -250,9 +270,9 @@ static cp_status load_tensors(cp_lora *lora, const cp_safetensors *file, const c
             cp_lora_slot *s = cp_lora_slot_at(lora, l, (cp_proj)p);
             if (!s->A)
                 continue;
-            cp_lora_tensor_name(name, sizeof name, l, (cp_proj)p, 'A');
+            cp_lora_tensor_name(&lora->cfg, name, sizeof name, l, (cp_proj)p, 'A');
             st = load_tensor(file, name, lora->params.r, s->in, s->A, path, err);
-            cp_lora_tensor_name(name, sizeof name, l, (cp_proj)p, 'B');
+            cp_lora_tensor_name(&lora->cfg, name, sizeof name, l, (cp_proj)p, 'B');
             if (st == CP_OK)
                 st = load_tensor(file, name, s->out, lora->params.r, s->B, path, err);
             claimed += 2;
@@ -266,7 +286,8 @@ static cp_status load_tensors(cp_lora *lora, const cp_safetensors *file, const c
             for (int l = 0; !known && l < lora->n_layers; l++)
                 for (int p = 0; !known && p < CP_PROJ_COUNT; p++)
                     for (int w = 0; !known && w < 2; w++) {
-                        cp_lora_tensor_name(name, sizeof name, l, (cp_proj)p, "AB"[w]);
+                        cp_lora_tensor_name(&lora->cfg, name, sizeof name, l, (cp_proj)p,
+                                            "AB"[w]);
                         known = strcmp(name, found) == 0 && cp_lora_slot_at(lora, l, (cp_proj)p)->A;
                     }
             if (!known)
@@ -293,7 +314,7 @@ cp_status cp_lora_load(cp_lora *lora, const char *dir, const cp_model_config *cf
     if (st == CP_OK)
         st = cp_file_read(config_path, &text, NULL, err);
     if (st == CP_OK)
-        st = parse_config(text, config_path, &p, err);
+        st = parse_config(cfg, text, config_path, &p, err);
     if (st == CP_OK) {
         p.dropout = 0.0f; /* dropout only matters for training */
         st = cp_lora_init(lora, cfg, &p, err);

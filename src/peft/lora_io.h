@@ -1,7 +1,7 @@
 /*
  * LoRA adapters on disk in Hugging Face PEFT's layout: a run folder with
- * adapter_config.json and adapter_model.safetensors, tensors named like
- * base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight.
+ * adapter_config.json and adapter_model.safetensors, tensors named after the
+ * base model's modules (cp_lora_tensor_name).
  *
  * Loading accepts adapters cpeft or PEFT wrote for the same base model, and
  * rejects settings it cannot apply (DoRA, modules_to_save, per-layer rank or
@@ -23,7 +23,10 @@ cp_status cp_lora_save(const cp_lora *lora, const char *dir, const char *base_mo
 cp_status cp_lora_load(cp_lora *lora, const char *dir, const cp_model_config *cfg,
                        cp_error *err);
 
-/* PEFT's tensor name for one slot's A ('A') or B ('B') matrix. */
-void cp_lora_tensor_name(char *buf, size_t size, int layer, cp_proj p, char which);
+/* PEFT's tensor name for one slot's A ('A') or B ('B') matrix, e.g.
+ * base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight, or for
+ * GPT-2 base_model.model.transformer.h.0.attn.c_attn.lora_A.weight. */
+void cp_lora_tensor_name(const cp_model_config *cfg, char *buf, size_t size, int layer,
+                         cp_proj p, char which);
 
 #endif

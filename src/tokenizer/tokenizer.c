@@ -1,8 +1,9 @@
 /*
- * The tokenizer interface over the concrete tokenizers. Only SentencePiece
- * BPE (`tokenizer.model`) exists so far. cp_tokenizer_load recognizes
- * tokenizer.json, vocab.json + merges.txt and GGUF files, and rejects them
- * with a message saying that kind is not supported yet.
+ * The tokenizer interface over the concrete tokenizers: SentencePiece BPE
+ * (`tokenizer.model`) and GPT-2 style byte-level BPE (`tokenizer.json`, or
+ * `vocab.json` + `merges.txt`). A folder is searched in that order. GGUF
+ * files are recognized and rejected with a message saying that kind is not
+ * supported yet.
  */
 #include "tokenizer/tokenizer.h"
 
@@ -10,10 +11,13 @@
 #include <string.h>
 
 #include "core/file.h"
+#include "tokenizer/bpe.h"
 #include "tokenizer/sentencepiece.h"
 
+/* Exactly one of sp and bpe is set. */
 struct cp_tokenizer {
     cp_sp_model *sp;
+    cp_bpe_model *bpe;
 };
 
 static int ends_with(const char *s, const char *suffix)
@@ -30,12 +34,12 @@ static cp_status reject_kind(const char *path, const char *kind, cp_error *err)
                         path, kind);
 }
 
-/* Loads a SentencePiece model from a file, after rejecting the file kinds
- * that are recognized but not implemented. */
-static cp_status load_file(const char *path, cp_sp_model **sp, cp_error *err)
+/* Loads a tokenizer file: tokenizer.json (any *.json) as byte-level BPE,
+ * anything else as SentencePiece after rejecting GGUF. */
+static cp_status load_file(const char *path, cp_tokenizer *t, cp_error *err)
 {
     if (ends_with(path, ".json"))
-        return reject_kind(path, "Hugging Face tokenizer.json", err);
+        return cp_bpe_load_json(path, &t->bpe, err);
 
     cp_mapped_file f;
     cp_status st = cp_file_map(path, &f, err);
@@ -44,7 +48,7 @@ static cp_status load_file(const char *path, cp_sp_model **sp, cp_error *err)
     if (ends_with(path, ".gguf") || (f.size >= 4 && memcmp(f.data, "GGUF", 4) == 0))
         st = reject_kind(path, "GGUF vocabulary", err);
     else
-        st = cp_sp_parse(path, f.data, f.size, sp, err);
+        st = cp_sp_parse(path, f.data, f.size, &t->sp, err);
     cp_mapped_file_free(&f);
     return st;
 }
@@ -58,30 +62,37 @@ static int dir_has(const char *dir, const char *name)
     return found;
 }
 
-/* Loads the tokenizer file in a model folder, preferring tokenizer.model. */
-static cp_status load_dir(const char *dir, cp_sp_model **sp, cp_error *err)
+/* Loads dir/name as a tokenizer file. */
+static cp_status load_dir_file(const char *dir, const char *name, cp_tokenizer *t, cp_error *err)
 {
-    if (dir_has(dir, "tokenizer.model")) {
-        char *path = cp_path_join(dir, "tokenizer.model");
-        if (!path)
-            return cp_error_nomem(err, "a path", strlen(dir) + 17);
-        cp_status st = load_file(path, sp, err);
-        free(path);
+    char *path = cp_path_join(dir, name);
+    if (!path)
+        return cp_error_nomem(err, "a path", strlen(dir) + strlen(name) + 2);
+    cp_status st = load_file(path, t, err);
+    free(path);
+    return st;
+}
+
+/* Loads the tokenizer in a model folder: tokenizer.model first, then
+ * tokenizer.json, then vocab.json + merges.txt. */
+static cp_status load_dir(const char *dir, cp_tokenizer *t, cp_error *err)
+{
+    if (dir_has(dir, "tokenizer.model"))
+        return load_dir_file(dir, "tokenizer.model", t, err);
+    if (dir_has(dir, "tokenizer.json"))
+        return load_dir_file(dir, "tokenizer.json", t, err);
+    if (dir_has(dir, "vocab.json") && dir_has(dir, "merges.txt")) {
+        char *vocab = cp_path_join(dir, "vocab.json");
+        char *merges = cp_path_join(dir, "merges.txt");
+        cp_status st = vocab && merges ? cp_bpe_load_files(vocab, merges, &t->bpe, err)
+                                       : cp_error_nomem(err, "a path", strlen(dir) + 12);
+        free(vocab);
+        free(merges);
         return st;
     }
-    if (dir_has(dir, "tokenizer.json"))
-        return cp_error_set(err, CP_ERR_INPUT,
-                            "%s: the folder has tokenizer.json but no tokenizer.model; Hugging "
-                            "Face tokenizer.json tokenizers are not supported yet",
-                            dir);
-    if (dir_has(dir, "vocab.json") && dir_has(dir, "merges.txt"))
-        return cp_error_set(err, CP_ERR_INPUT,
-                            "%s: the folder has vocab.json and merges.txt but no "
-                            "tokenizer.model; byte-level BPE tokenizers are not supported yet",
-                            dir);
     return cp_error_set(err, CP_ERR_INPUT,
-                        "%s: no tokenizer.model in the folder; pass the tokenizer file or a "
-                        "model folder that contains one",
+                        "%s: no tokenizer.model, tokenizer.json or vocab.json + merges.txt in "
+                        "the folder; pass a tokenizer file or a model folder that contains one",
                         dir);
 }
 
@@ -91,8 +102,7 @@ cp_status cp_tokenizer_load(const char *path, cp_tokenizer **out, cp_error *err)
     cp_tokenizer *t = calloc(1, sizeof *t);
     if (!t)
         return cp_error_nomem(err, "a tokenizer", sizeof *t);
-    cp_status st = cp_file_is_dir(path) ? load_dir(path, &t->sp, err)
-                                        : load_file(path, &t->sp, err);
+    cp_status st = cp_file_is_dir(path) ? load_dir(path, t, err) : load_file(path, t, err);
     if (st) {
         free(t);
         return st;
@@ -106,22 +116,23 @@ void cp_tokenizer_free(cp_tokenizer *t)
     if (!t)
         return;
     cp_sp_free(t->sp);
+    cp_bpe_free(t->bpe);
     free(t);
 }
 
 int cp_tokenizer_vocab_size(const cp_tokenizer *t)
 {
-    return t->sp->n_pieces;
+    return t->sp ? t->sp->n_pieces : t->bpe->n_tokens;
 }
 
 int32_t cp_tokenizer_bos_id(const cp_tokenizer *t)
 {
-    return t->sp->bos_id;
+    return t->sp ? t->sp->bos_id : -1;
 }
 
 int32_t cp_tokenizer_eos_id(const cp_tokenizer *t)
 {
-    return t->sp->eos_id;
+    return t->sp ? t->sp->eos_id : t->bpe->eos_id;
 }
 
 cp_status cp_tokenizer_encode(const cp_tokenizer *t, const char *text, size_t len, int add_bos,
@@ -129,6 +140,11 @@ cp_status cp_tokenizer_encode(const cp_tokenizer *t, const char *text, size_t le
 {
     *ids = NULL;
     *n_ids = 0;
+    /* GPT-2 style tokenizers have no BOS and their models expect none, so
+     * add_bos is ignored for them; a SentencePiece model without BOS
+     * rejects the request. */
+    if (t->bpe)
+        return cp_bpe_encode(t->bpe, text, len, ids, n_ids, err);
     if (add_bos && t->sp->bos_id < 0)
         return cp_error_set(err, CP_ERR_INPUT,
                             "a BOS token was requested but the tokenizer has none; encode "
@@ -158,5 +174,7 @@ cp_status cp_tokenizer_encode(const cp_tokenizer *t, const char *text, size_t le
 cp_status cp_tokenizer_decode(const cp_tokenizer *t, const int32_t *ids, size_t n_ids,
                               char **text, size_t *len, cp_error *err)
 {
+    if (t->bpe)
+        return cp_bpe_decode(t->bpe, ids, n_ids, text, len, err);
     return cp_sp_decode(t->sp, ids, n_ids, text, len, err);
 }

@@ -1,10 +1,10 @@
 /*
  * Tokenizers behind one interface: text bytes to token ids and back.
  *
- * cp_tokenizer_load takes a SentencePiece `tokenizer.model` file or a model
- * folder that holds one. Byte-level BPE (`tokenizer.json`, `vocab.json` +
- * `merges.txt`) and GGUF vocabularies are not implemented yet and are
- * rejected with a message that says so.
+ * cp_tokenizer_load takes a SentencePiece `tokenizer.model`, a byte-level BPE
+ * `tokenizer.json`, or a folder holding one of them or `vocab.json` +
+ * `merges.txt`. GGUF vocabularies are not loaded yet and are rejected with a
+ * message that says so.
  */
 #ifndef CP_TOKENIZER_H
 #define CP_TOKENIZER_H

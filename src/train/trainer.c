@@ -97,8 +97,9 @@ static cp_status build_param_refs(trainer *t, cp_error *err)
             if (!s->A)
                 continue;
             size_t r = (size_t)t->lora.params.r;
-            t->refs[n++] = (cp_param_ref){cp_proj_name((cp_proj)p), s->A, s->dA, r * s->in, 1};
-            t->refs[n++] = (cp_param_ref){cp_proj_name((cp_proj)p), s->B, s->dB, r * s->out, 1};
+            const char *name = cp_proj_name(&t->lora.cfg, (cp_proj)p);
+            t->refs[n++] = (cp_param_ref){name, s->A, s->dA, r * s->in, 1};
+            t->refs[n++] = (cp_param_ref){name, s->B, s->dB, r * s->out, 1};
         }
     }
     t->n_refs = n;
@@ -138,8 +139,15 @@ static cp_status setup(trainer *t, const cp_train_params *p, cp_error *err)
     cp_status st = cp_run_folder_begin(&t->run, p->out_dir, err);
     if (st == CP_OK)
         st = load_inputs(t, p, err);
+    cp_lora_params lp = p->lora;
+    const cp_model_config *mc = st == CP_OK ? &t->model->cfg : NULL;
+    if (st == CP_OK && p->targets) {
+        st = cp_proj_parse_list(mc, p->targets, &lp.targets, err);
+    } else if (st == CP_OK && mc->fused_qkv) {
+        lp.targets = 1u << CP_PROJ_QKV; /* PEFT's default for GPT-2: c_attn */
+    }
     if (st == CP_OK)
-        st = cp_lora_init(&t->lora, &t->model->cfg, &p->lora, err);
+        st = cp_lora_init(&t->lora, mc, &lp, err);
     if (st == CP_OK)
         st = cp_lora_reserve(&t->lora, B * T, err);
     if (st == CP_OK) {

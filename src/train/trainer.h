@@ -21,6 +21,8 @@ typedef struct cp_train_params {
     const char *eval_path;  /* NULL: hold out the last eval_split of the data */
     const char *out_dir;
     cp_lora_params lora;
+    const char *targets;    /* module names or "all-linear", parsed against the model;
+                             * NULL: lora.targets, or c_attn for GPT-2 */
     int steps;              /* optimizer steps */
     int batch_size;         /* windows per micro-batch */
     int seq_len;            /* inputs per window */
