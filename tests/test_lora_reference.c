@@ -1,7 +1,9 @@
 /*
  * LoRA on stories260K against PyTorch (tools/ref_lora.py make-step-fixture):
  * the loss and every LoRA gradient of one batch, the rsLoRA loss, twenty
- * AdamW steps, and evaluation with the adapter applied.
+ * AdamW steps, and evaluation with the adapter applied; and one batch's
+ * gradients on small GPT-2, Qwen2 and biased Llama models
+ * (tools/ref_lora_arch.py make-fixture).
  */
 #include <cJSON.h>
 #include <stdlib.h>
@@ -207,3 +209,88 @@ TEST(lora_eval_matches_pytorch)
     cp_tokenizer_free(tok);
     fixture_free(&f);
 }
+
+/* One batch's loss and every LoRA gradient on a small random model of each
+ * architecture, against tools/ref_lora_arch.py (PEFT semantics in PyTorch). */
+static void check_arch_step(const char *name)
+{
+    char model_dir[128], adapter_dir[128], path[200];
+    snprintf(model_dir, sizeof model_dir, "tests/fixtures/%s", name);
+    snprintf(adapter_dir, sizeof adapter_dir, "tests/fixtures/lora_arch/%s", name);
+    snprintf(path, sizeof path, "%s/expected.json", adapter_dir);
+    cJSON *expected = read_json(path);
+    cp_model *m = NULL;
+    cp_lora lora;
+    cp_error err = {0};
+    CHECK_MSG(expected != NULL, "cannot read %s", path);
+    CHECK_MSG(cp_model_load(model_dir, &m, &err) == CP_OK, "%s", err.msg);
+    if (!expected || !m) {
+        cJSON_Delete(expected);
+        cp_model_free(m);
+        return;
+    }
+    CHECK_MSG(cp_lora_load(&lora, adapter_dir, &m->cfg, &err) == CP_OK, "%s: %s", name, err.msg);
+    CHECK(cp_lora_reserve(&lora, 16, &err) == CP_OK);
+    m->lora = &lora;
+
+    int32_t inputs[16], targets[16];
+    const cJSON *rows = cJSON_GetObjectItem(expected, "input_ids");
+    for (int b = 0; b < 2; b++)
+        for (int t = 0; t < 8; t++) {
+            inputs[b * 8 + t] = cJSON_GetArrayItem(cJSON_GetArrayItem(rows, b), t)->valueint;
+            targets[b * 8 + t] = cJSON_GetArrayItem(cJSON_GetArrayItem(rows, b), t + 1)->valueint;
+        }
+    cp_forward_buffers fb;
+    cp_backward_buffers bb;
+    CHECK(cp_forward_buffers_init(&fb, &m->cfg, 2, 8, 1, &err) == CP_OK);
+    CHECK(cp_backward_buffers_init(&bb, &m->cfg, 2, 8, &err) == CP_OK);
+    memset(lora.grads, 0, lora.n_weights * sizeof(float));
+    cp_model_forward(m, &fb, inputs);
+    double loss = cp_model_backward(m, &fb, &bb, targets, 1.0f);
+    CHECK_MSG(fabs(loss - expected_number(expected, "loss", NULL)) <=
+                  1e-4 * expected_number(expected, "loss", NULL),
+              "%s: loss %.7f, PyTorch %.7f", name, loss, expected_number(expected, "loss", NULL));
+
+    cp_safetensors *grads = NULL;
+    snprintf(path, sizeof path, "%s/grads.safetensors", adapter_dir);
+    CHECK_MSG(cp_safetensors_open(path, &grads, &err) == CP_OK, "%s", err.msg);
+    size_t compared = 0;
+    for (int l = 0; grads && l < lora.n_layers; l++) {
+        for (int p = 0; p < CP_PROJ_COUNT; p++) {
+            cp_lora_slot *s = cp_lora_slot_at(&lora, l, (cp_proj)p);
+            for (int w = 0; s->A && w < 2; w++) {
+                char tensor[160];
+                cp_lora_tensor_name(&lora.cfg, tensor, sizeof tensor, l, (cp_proj)p, "AB"[w]);
+                const cp_st_tensor *t = cp_safetensors_find(grads, tensor);
+                CHECK_MSG(t != NULL, "%s lacks %s", path, tensor);
+                if (!t)
+                    continue;
+                size_t n = cp_st_tensor_numel(t);
+                float *want = malloc(n * sizeof *want);
+                memcpy(want, t->data, n * sizeof *want);
+                const float *got = w ? s->dB : s->dA;
+                double scale = 0, worst = 0;
+                for (size_t i = 0; i < n; i++) {
+                    scale = fmax(scale, fabs(want[i]));
+                    worst = fmax(worst, fabs(got[i] - want[i]));
+                }
+                CHECK_MSG(worst <= 1e-4 * scale, "%s %s: max |diff| %g, max |grad| %g", name,
+                          tensor, worst, scale);
+                compared++;
+                free(want);
+            }
+        }
+    }
+    CHECK_EQ_INT(compared, grads ? cp_safetensors_count(grads) : 1);
+    cp_safetensors_close(grads);
+    m->lora = NULL;
+    cp_backward_buffers_free(&bb);
+    cp_forward_buffers_free(&fb);
+    cp_lora_free(&lora);
+    cp_model_free(m);
+    cJSON_Delete(expected);
+}
+
+TEST(lora_arch_gpt2_matches_pytorch) { check_arch_step("tiny-gpt2"); }
+TEST(lora_arch_qwen2_matches_pytorch) { check_arch_step("tiny-qwen2"); }
+TEST(lora_arch_llama_bias_matches_pytorch) { check_arch_step("tiny-llama-bias"); }
