@@ -40,15 +40,56 @@ static int32_t *json_ids(const cJSON *array, size_t *n)
     return ids;
 }
 
-/* Checks the forward pass and the KV-cache decoder against the fixture's logits. */
-static void check_tiny_fixture(const char *name)
+/* Writes the model in src_dir with every tensor stored as dtype into a new
+ * folder, with its config.json and tokenizer.model (when it has one). */
+static const char *narrowed_copy(const char *src_dir, cp_dtype dtype)
 {
-    char dir[256], path[300];
-    snprintf(dir, sizeof dir, "tests/fixtures/%s", name);
-    snprintf(path, sizeof path, "%s/expected.json", dir);
+    const char *dir = test_tmpdir();
+    cp_safetensors *src = NULL;
+    cp_error err = {0};
+    CHECK(cp_safetensors_open(src_dir, &src, &err) == CP_OK);
+    if (!src)
+        return dir;
+    size_t n = cp_safetensors_count(src);
+    cp_st_tensor *out = calloc(n, sizeof *out);
+    for (size_t i = 0; i < n; i++) {
+        const cp_st_tensor *t = cp_safetensors_at(src, i);
+        size_t count = cp_st_tensor_numel(t);
+        uint16_t *half = malloc(count * sizeof *half);
+        const float *f = t->data;
+        for (size_t j = 0; j < count; j++)
+            half[j] = dtype == CP_DTYPE_BF16 ? cp_f32_to_bf16(f[j]) : cp_f32_to_f16(f[j]);
+        out[i] = *t;
+        out[i].dtype = dtype;
+        out[i].data = half;
+        out[i].nbytes = count * sizeof *half;
+    }
+    char *path = NULL, *cmd = NULL;
+    if (asprintf(&path, "%s/model.safetensors", dir) < 0 ||
+        asprintf(&cmd, "cp '%s/config.json' '%s' && (cp '%s/tokenizer.model' '%s' 2>/dev/null || true)",
+                 src_dir, dir, src_dir, dir) < 0 ||
+        system(cmd) != 0)
+        abort();
+    CHECK_MSG(cp_safetensors_write(path, out, n, NULL, 0, &err) == CP_OK, "%s", err.msg);
+    for (size_t i = 0; i < n; i++)
+        free((void *)out[i].data);
+    free(out), free(path), free(cmd);
+    cp_safetensors_close(src);
+    return dir;
+}
+
+/* Checks the forward pass and the KV-cache decoder against the fixture's
+ * logits: from the float32 checkpoint, or from a BF16 copy against the
+ * logits PyTorch computed with the rounded weights. */
+static void check_fixture_logits(const char *name, int bf16)
+{
+    char fixture[256], path[300];
+    snprintf(fixture, sizeof fixture, "tests/fixtures/%s", name);
+    snprintf(path, sizeof path, "%s/expected.json", fixture);
     cJSON *expected = load_json(path);
     if (!expected)
         return;
+    const char *dir = bf16 ? narrowed_copy(fixture, CP_DTYPE_BF16) : fixture;
     cp_model *m = NULL;
     cp_error err = {0};
     CHECK_MSG(cp_model_load(dir, &m, &err) == CP_OK, "%s", err.msg);
@@ -58,7 +99,9 @@ static void check_tiny_fixture(const char *name)
     }
     size_t T;
     int32_t *ids = json_ids(cJSON_GetObjectItem(expected, "input_ids"), &T);
-    const cJSON *logits = cJSON_GetObjectItem(expected, "logits");
+    const cJSON *logits = cJSON_GetObjectItem(expected, bf16 ? "logits_bf16_weights" : "logits");
+    CHECK_MSG(cJSON_GetArraySize(logits) == (int)T, "%s: expected.json has no %s", name,
+              bf16 ? "logits_bf16_weights" : "logits");
     int V = m->cfg.vocab_size;
 
     cp_forward_buffers fb;
@@ -75,8 +118,8 @@ static void check_tiny_fixture(const char *name)
             double want = cJSON_GetArrayItem(row, v)->valuedouble;
             double tol = 1e-4 * (fabs(want) > 1 ? fabs(want) : 1);
             if (fabs(fb.logits[t * V + v] - want) > tol && bad++ < 3)
-                cp_test_fail(__FILE__, __LINE__, "%s: logits[%zu][%d] = %.7g, expected %.7g",
-                             name, t, v, fb.logits[t * V + v], want);
+                cp_test_fail(__FILE__, __LINE__, "%s%s: logits[%zu][%d] = %.7g, expected %.7g",
+                             name, bf16 ? " (BF16)" : "", t, v, fb.logits[t * V + v], want);
             if (fabs(kv.logits[v] - want) > tol && bad_cached++ < 3)
                 cp_test_fail(__FILE__, __LINE__, "%s: cached logits[%zu][%d] = %.7g, expected %.7g",
                              name, t, v, kv.logits[v], want);
@@ -89,12 +132,20 @@ static void check_tiny_fixture(const char *name)
     cJSON_Delete(expected);
 }
 
-TEST(forward_mistral_sliding_window) { check_tiny_fixture("tiny-mistral"); }
-TEST(forward_llama3_rope_scaling) { check_tiny_fixture("tiny-llama3"); }
-TEST(forward_linear_rope_scaling) { check_tiny_fixture("tiny-linear"); }
-TEST(forward_qwen2_qkv_bias) { check_tiny_fixture("tiny-qwen2"); }
-TEST(forward_llama_all_biases) { check_tiny_fixture("tiny-llama-bias"); }
-TEST(forward_gpt2_layernorm_conv1d) { check_tiny_fixture("tiny-gpt2"); }
+TEST(forward_mistral_sliding_window) { check_fixture_logits("tiny-mistral", 0); }
+TEST(forward_llama3_rope_scaling) { check_fixture_logits("tiny-llama3", 0); }
+TEST(forward_linear_rope_scaling) { check_fixture_logits("tiny-linear", 0); }
+TEST(forward_qwen2_qkv_bias) { check_fixture_logits("tiny-qwen2", 0); }
+TEST(forward_llama_all_biases) { check_fixture_logits("tiny-llama-bias", 0); }
+TEST(forward_gpt2_layernorm_conv1d) { check_fixture_logits("tiny-gpt2", 0); }
+
+TEST(forward_from_bf16_checkpoints)
+{
+    const char *names[] = {"tiny-mistral", "tiny-llama3", "tiny-qwen2", "tiny-llama-bias",
+                           "tiny-gpt2"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++)
+        check_fixture_logits(names[i], 1);
+}
 
 TEST(generate_matches_llama2c_golden)
 {
@@ -168,43 +219,6 @@ static void check_eval(int seq_len)
 TEST(eval_tinyshakespeare_seq128) { check_eval(128); }
 TEST(eval_tinyshakespeare_seq512) { check_eval(512); }
 
-/* Writes stories260K with every tensor stored as dtype into a new folder. */
-static const char *narrowed_copy(cp_dtype dtype)
-{
-    const char *dir = test_tmpdir();
-    cp_safetensors *src = NULL;
-    cp_error err = {0};
-    CHECK(cp_safetensors_open(test_shared("models/stories260K"), &src, &err) == CP_OK);
-    if (!src)
-        return dir;
-    size_t n = cp_safetensors_count(src);
-    cp_st_tensor *out = calloc(n, sizeof *out);
-    for (size_t i = 0; i < n; i++) {
-        const cp_st_tensor *t = cp_safetensors_at(src, i);
-        size_t count = cp_st_tensor_numel(t);
-        uint16_t *half = malloc(count * sizeof *half);
-        const float *f = t->data;
-        for (size_t j = 0; j < count; j++)
-            half[j] = dtype == CP_DTYPE_BF16 ? cp_f32_to_bf16(f[j]) : cp_f32_to_f16(f[j]);
-        out[i] = *t;
-        out[i].dtype = dtype;
-        out[i].data = half;
-        out[i].nbytes = count * sizeof *half;
-    }
-    char *path = NULL, *cmd = NULL;
-    if (asprintf(&path, "%s/model.safetensors", dir) < 0 ||
-        asprintf(&cmd, "cp '%s/config.json' '%s/tokenizer.model' '%s'",
-                 test_shared("models/stories260K"), test_shared("models/stories260K"), dir) < 0 ||
-        system(cmd) != 0)
-        abort();
-    CHECK_MSG(cp_safetensors_write(path, out, n, NULL, 0, &err) == CP_OK, "%s", err.msg);
-    for (size_t i = 0; i < n; i++)
-        free((void *)out[i].data);
-    free(out), free(path), free(cmd);
-    cp_safetensors_close(src);
-    return dir;
-}
-
 TEST(half_precision_checkpoints_load)
 {
     cp_model *ref = NULL;
@@ -215,7 +229,7 @@ TEST(half_precision_checkpoints_load)
     cp_dtype dtypes[] = {CP_DTYPE_BF16, CP_DTYPE_F16};
     for (int d = 0; d < 2; d++) {
         cp_model *m = NULL;
-        const char *dir = narrowed_copy(dtypes[d]);
+        const char *dir = narrowed_copy(test_shared("models/stories260K"), dtypes[d]);
         CHECK_MSG(cp_model_load(dir, &m, &err) == CP_OK, "%s", err.msg);
         if (!m)
             continue;

@@ -380,6 +380,10 @@ def make_tiny(out_root):
     _, weights32 = load_model(out_dir, torch.float32)
     with torch.no_grad():
         logits, final_hidden = forward(cfg, weights64, torch.tensor([input_ids]))
+        # The same checkpoint stored as BF16 (weights rounded to nearest even),
+        # computed in float64, for tests that load a BF16 copy.
+        weights_bf16 = {n: t.to(torch.bfloat16).to(torch.float64) for n, t in weights64.items()}
+        logits_bf16 = forward(cfg, weights_bf16, torch.tensor([input_ids]))[0][0]
     logits, final_hidden = logits[0], final_hidden[0]
 
     checks = run_checks(cfg, weights64, weights32, input_ids, logits, final_hidden)
@@ -400,6 +404,7 @@ def make_tiny(out_root):
         "input_ids": input_ids,
         "logits": [[float9(v) for v in row] for row in logits.tolist()],
         "final_hidden": [[float9(v) for v in row] for row in final_hidden.tolist()],
+        "logits_bf16_weights": [[float9(v) for v in row] for row in logits_bf16.tolist()],
     }
     with open(os.path.join(out_dir, "expected.json"), "w") as f:
         f.write(dumps_compact_arrays(expected))

@@ -691,6 +691,11 @@ def make_tiny_variant(name, spec, out_root):
     inv_freq = rope_inv_freq(cfg)
     with torch.no_grad():
         logits = forward(cfg, weights64, ids, inv_freq)[0]
+        # The same checkpoint stored as BF16: every weight rounded to the
+        # nearest bfloat16 (ties to even, as torch rounds), then computed in
+        # float64, for tests that load a BF16 copy of the fixture.
+        weights_bf16 = {n: t.to(torch.bfloat16).to(torch.float64) for n, t in weights64.items()}
+        logits_bf16 = forward(cfg, weights_bf16, ids, inv_freq)[0]
         logits32 = forward(cfg, weights32, ids, rope_inv_freq(cfg, torch.float32))[0]
     checks = {"max_abs_diff_float32": float(torch.max(torch.abs(logits32.double() - logits)))}
 
@@ -739,6 +744,7 @@ def make_tiny_variant(name, spec, out_root):
         "checks": checks,
         "input_ids": input_ids,
         "logits": [[float9(v) for v in row] for row in logits.tolist()],
+        "logits_bf16_weights": [[float9(v) for v in row] for row in logits_bf16.tolist()],
     }
     with open(os.path.join(out_dir, "expected.json"), "w") as f:
         f.write(dumps_compact_arrays(expected))
