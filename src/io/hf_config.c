@@ -128,7 +128,7 @@ static cp_status parse_rope_scaling(const cJSON *root, cp_model_config *cfg, con
         return cp_error_set(err, CP_ERR_INPUT, "%s: key \"rope_scaling\" must be an object or null",
                             path);
 
-    /* Newer configs say rope_type, older ones type. */
+    /* Newer configs name the key rope_type, older ones type. */
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
     if (!type)
         type = cJSON_GetObjectItemCaseSensitive(rs, "type");

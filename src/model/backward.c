@@ -123,7 +123,7 @@ static void qkv_backward(const cp_model *m, const cp_forward_buffers *fb, cp_bac
         project_backward(m, l, CP_PROJ_V, bb->dnorm, bb->dv, x, N);
         return;
     }
-    /* Rows of the fused output are [q | k | v]; their gradient is assembled the same way. */
+    /* Rows of the fused output are [q | k | v], so their gradient is assembled the same way. */
     size_t qd = (size_t)H * D, kvd = (size_t)KVH * D, row = qd + 2 * kvd;
     for (int n = 0; n < N; n++) {
         memcpy(bb->dqkv + n * row, bb->dq + n * qd, qd * sizeof(float));
@@ -133,7 +133,7 @@ static void qkv_backward(const cp_model *m, const cp_forward_buffers *fb, cp_bac
     project_backward(m, l, CP_PROJ_QKV, bb->dnorm, bb->dqkv, x, N);
 }
 
-/* Layer l backward: bb->dres holds d(layer output) on entry and d(layer
+/* Layer l backward: bb->dres contains d(layer output) on entry and d(layer
  * input) on return. */
 static void layer_backward(const cp_model *m, const cp_forward_buffers *fb,
                            cp_backward_buffers *bb, int l)
