@@ -6,6 +6,8 @@
  */
 #include "test.h"
 
+#include <cJSON.h>
+
 #include <errno.h>
 #include <ftw.h>
 #include <stdarg.h>
@@ -96,11 +98,12 @@ char *test_write_file(const char *dir, const char *name, const void *data, size_
     return path;
 }
 
-static char *read_all(const char *path)
+/* Reads a whole file into a NUL-terminated string, or returns NULL. */
+static char *read_all_or_null(const char *path)
 {
     FILE *fp = fopen(path, "rb");
     if (!fp)
-        return strdup("");
+        return NULL;
     size_t cap = 1 << 16, n = 0;
     char *buf = malloc(cap);
     size_t got;
@@ -112,6 +115,12 @@ static char *read_all(const char *path)
     buf[n] = '\0';
     fclose(fp);
     return buf;
+}
+
+static char *read_all(const char *path)
+{
+    char *text = read_all_or_null(path);
+    return text ? text : strdup("");
 }
 
 int test_run_cli(const char *args, const char *stdin_text, char **out, char **err)
@@ -139,6 +148,20 @@ int test_run_cli(const char *args, const char *stdin_text, char **out, char **er
     if (err)
         *err = read_all(err_path);
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+cJSON *test_read_json(const char *path)
+{
+    char *text = read_all_or_null(path);
+    if (!text) {
+        cp_test_fail(__FILE__, __LINE__, "%s: cannot read", path);
+        return NULL;
+    }
+    cJSON *root = cJSON_Parse(text);
+    free(text);
+    if (!root)
+        cp_test_fail(__FILE__, __LINE__, "%s: invalid JSON", path);
+    return root;
 }
 
 int test_count_lines(const char *s)

@@ -84,6 +84,11 @@ char *test_write_file(const char *dir, const char *name, const void *data, size_
  * pointer may be NULL) and returns the exit status (-1 if it did not exit). */
 int test_run_cli(const char *args, const char *stdin_text, char **out, char **err);
 
+/* Reads and parses a JSON file; records a test failure naming the file and
+ * returns NULL when it cannot be read or parsed. The caller frees the result
+ * with cJSON_Delete. */
+struct cJSON *test_read_json(const char *path);
+
 /* Counts the lines in s (a final line without '\n' counts). */
 int test_count_lines(const char *s);
 

@@ -26,23 +26,12 @@ typedef struct fixture {
     cp_backward_buffers bb;
 } fixture;
 
-static cJSON *read_json(const char *path)
-{
-    char *text = NULL;
-    cp_error err = {0};
-    if (cp_file_read(path, &text, NULL, &err) != CP_OK)
-        return NULL;
-    cJSON *root = cJSON_Parse(text);
-    free(text);
-    return root;
-}
-
 static int fixture_init(fixture *f)
 {
     cp_error err = {0};
     memset(f, 0, sizeof *f);
-    f->expected = read_json(FIXTURE "/expected.json");
-    cJSON *batch = read_json(FIXTURE "/batch.json");
+    f->expected = test_read_json(FIXTURE "/expected.json");
+    cJSON *batch = test_read_json(FIXTURE "/batch.json");
     CHECK_MSG(f->expected && batch, "cannot read the fixture in %s", FIXTURE);
     CHECK_MSG(cp_model_load(test_shared("models/stories260K"), &f->model, &err) == CP_OK, "%s",
               err.msg);
@@ -218,7 +207,7 @@ static void check_arch_step(const char *name)
     snprintf(model_dir, sizeof model_dir, "tests/fixtures/%s", name);
     snprintf(adapter_dir, sizeof adapter_dir, "tests/fixtures/lora_arch/%s", name);
     snprintf(path, sizeof path, "%s/expected.json", adapter_dir);
-    cJSON *expected = read_json(path);
+    cJSON *expected = test_read_json(path);
     cp_model *m = NULL;
     cp_lora lora;
     cp_error err = {0};

@@ -16,20 +16,6 @@
 #include "model/model.h"
 #include "test.h"
 
-static cJSON *load_json(const char *path)
-{
-    char *text = NULL;
-    cp_error err = {0};
-    if (cp_file_read(path, &text, NULL, &err) != CP_OK) {
-        cp_test_fail(__FILE__, __LINE__, "%s", err.msg);
-        return NULL;
-    }
-    cJSON *root = cJSON_Parse(text);
-    free(text);
-    CHECK_MSG(root != NULL, "%s: invalid JSON", path);
-    return root;
-}
-
 static int32_t *json_ids(const cJSON *array, size_t *n)
 {
     *n = (size_t)cJSON_GetArraySize(array);
@@ -86,7 +72,7 @@ static void check_fixture_logits(const char *name, int bf16)
     char fixture[256], path[300];
     snprintf(fixture, sizeof fixture, "tests/fixtures/%s", name);
     snprintf(path, sizeof path, "%s/expected.json", fixture);
-    cJSON *expected = load_json(path);
+    cJSON *expected = test_read_json(path);
     if (!expected)
         return;
     const char *dir = bf16 ? narrowed_copy(fixture, CP_DTYPE_BF16) : fixture;
@@ -149,7 +135,7 @@ TEST(forward_from_bf16_checkpoints)
 
 TEST(generate_matches_llama2c_golden)
 {
-    cJSON *golden = load_json(test_shared("models/stories260K/golden.json"));
+    cJSON *golden = test_read_json(test_shared("models/stories260K/golden.json"));
     if (!golden)
         return;
     const cJSON *c;
@@ -186,7 +172,7 @@ TEST(generate_matches_llama2c_golden)
 /* cpeft eval on all of tinyshakespeare against tools/ref_llama.py eval. */
 static void check_eval(int seq_len)
 {
-    cJSON *ref = load_json("tests/fixtures/stories260K_tinyshakespeare_eval.json");
+    cJSON *ref = test_read_json("tests/fixtures/stories260K_tinyshakespeare_eval.json");
     if (!ref)
         return;
     const cJSON *r, *match = NULL;

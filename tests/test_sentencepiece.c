@@ -62,16 +62,6 @@ static char *read_shared_file(const char *relative, size_t *len)
     return text;
 }
 
-static cJSON *read_json(const char *path)
-{
-    size_t len;
-    char *text = read_file(path, &len);
-    cJSON *json = text ? cJSON_Parse(text) : NULL;
-    CHECK_MSG(json != NULL, "%s is not valid JSON", path);
-    free(text);
-    return json;
-}
-
 /* Encodes text and stores the id count in *n. On error it fails the test. */
 static int32_t *encode(const cp_sp_model *m, const char *text, size_t len, size_t *n)
 {
@@ -223,7 +213,7 @@ TEST(sp_stories_golden_prompts)
     CHECK_MSG(cp_tokenizer_load(dir, &tok, &err) == CP_OK, "%s", err.msg);
     free(dir);
     char *golden_path = test_shared("models/stories260K/golden.json");
-    cJSON *golden = read_json(golden_path);
+    cJSON *golden = test_read_json(golden_path);
     free(golden_path);
     if (!tok || !golden)
         return;
@@ -290,7 +280,7 @@ static void check_fixture_model(const char *name, const cJSON *spec)
  * again after merging, no dummy prefix and special ids other than 0/1/2. */
 TEST(sp_fixture_models_match_reference)
 {
-    cJSON *expected = read_json(FIXTURE_DIR "/expected.json");
+    cJSON *expected = test_read_json(FIXTURE_DIR "/expected.json");
     if (!expected)
         return;
     const cJSON *models = cJSON_GetObjectItem(expected, "models");
@@ -307,7 +297,7 @@ TEST(sp_fixture_models_match_reference)
  * count and hash with what Python's sentencepiece gave. */
 static void check_shakespeare_ids(const char *key, const char *path)
 {
-    cJSON *expected = read_json(FIXTURE_DIR "/expected.json");
+    cJSON *expected = test_read_json(FIXTURE_DIR "/expected.json");
     cp_sp_model *m = load_model(path);
     size_t len, n;
     char *text = read_shared_file("data/tinyshakespeare/input.txt", &len);

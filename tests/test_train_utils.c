@@ -19,20 +19,6 @@
 /* The fixtures store float32 results; 1e-6 relative is a few float32 ulps. */
 #define REL_TOL 1e-6
 
-static cJSON *load_json(const char *path)
-{
-    char *text = NULL;
-    cp_error err = {0};
-    if (cp_file_read(path, &text, NULL, &err) != CP_OK) {
-        cp_test_fail(__FILE__, __LINE__, "%s", err.msg);
-        return NULL;
-    }
-    cJSON *root = cJSON_Parse(text);
-    free(text);
-    CHECK_MSG(root != NULL, "%s: invalid JSON", path);
-    return root;
-}
-
 static const cJSON *field(const cJSON *obj, const char *name)
 {
     const cJSON *f = cJSON_GetObjectItemCaseSensitive(obj, name);
@@ -165,7 +151,7 @@ static void check_after_step(adamw_case *c, int s)
 
 TEST(train_adamw_matches_torch)
 {
-    cJSON *ref = load_json(FIXTURE);
+    cJSON *ref = test_read_json(FIXTURE);
     if (!ref)
         return;
     const cJSON *json;
@@ -220,7 +206,7 @@ static void adamw_case_run(adamw_case *c)
  * the cosine schedule changes lr across the break. */
 TEST(train_adamw_export_import_resumes)
 {
-    cJSON *ref = load_json(FIXTURE);
+    cJSON *ref = test_read_json(FIXTURE);
     if (!ref)
         return;
     const cJSON *json = cJSON_GetArrayItem(field(ref, "adamw"), 1);
@@ -319,7 +305,7 @@ TEST(train_adamw_rejects_bad_config)
 
 TEST(train_grad_clip_matches_torch)
 {
-    cJSON *ref = load_json(FIXTURE);
+    cJSON *ref = test_read_json(FIXTURE);
     if (!ref)
         return;
     const cJSON *c;
@@ -383,7 +369,7 @@ TEST(train_grad_clip_zero_max_only_measures)
 
 TEST(train_schedule_warmup_matches_transformers)
 {
-    cJSON *ref = load_json(FIXTURE);
+    cJSON *ref = test_read_json(FIXTURE);
     if (!ref)
         return;
     const cJSON *c;
@@ -399,7 +385,7 @@ TEST(train_schedule_warmup_matches_transformers)
 
 TEST(train_schedule_matches_transformers)
 {
-    cJSON *ref = load_json(FIXTURE);
+    cJSON *ref = test_read_json(FIXTURE);
     if (!ref)
         return;
     const cJSON *c;
