@@ -909,3 +909,30 @@ TEST(gguf_truncation_and_flip_sweep)
     free(path);
     free(b.data);
 }
+
+TEST(gguf_inspect_cli)
+{
+    buf b = {0};
+    build_sample(&b);
+    const char *dir = test_tmpdir();
+    char *path = test_write_file(dir, "sample.gguf", b.data, b.len);
+    free(b.data);
+
+    char args[600], *out = NULL, *err = NULL;
+    snprintf(args, sizeof args, "inspect '%s'", path);
+    CHECK_EQ_INT(test_run_cli(args, NULL, &out, &err), 0);
+    CHECK_MSG(strstr(out, "(version 3, alignment 32)") != NULL, "%s", out);
+    CHECK_MSG(strstr(out, "general.architecture") && strstr(out, "\"llama\""), "%s", out);
+    CHECK_MSG(strstr(out, "t.u32") && strstr(out, "4000000000"), "%s", out);
+    CHECK_MSG(strstr(out, "w.q4_0") && strstr(out, "Q4_0") && strstr(out, "[32, 2]"), "%s", out);
+    CHECK_MSG(strstr(out, "tensors: 5") != NULL, "%s", out);
+    free(out), free(err);
+
+    /* A truncated copy: one line naming the file, exit status 2. */
+    char *cut = test_write_file(dir, "cut.gguf", "GGUF\3\0\0\0\1", 9);
+    snprintf(args, sizeof args, "inspect '%s'", cut);
+    CHECK_EQ_INT(test_run_cli(args, NULL, &out, &err), 2);
+    CHECK_EQ_INT(test_count_lines(err), 1);
+    CHECK_MSG(strstr(err, "cut.gguf") != NULL, "%s", err);
+    free(out), free(err), free(cut), free(path);
+}

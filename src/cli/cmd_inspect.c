@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/file.h"
+#include "io/gguf.h"
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 
@@ -155,8 +156,96 @@ static cp_status inspect_run(const char *dir, const char *config_path, cp_error 
     return st;
 }
 
+static const char *gguf_type_name(cp_gguf_type t)
+{
+    static const char *const names[] = {"uint8", "int8",   "uint16", "int16",  "uint32",
+                                        "int32", "float32", "bool",   "string", "array",
+                                        "uint64", "int64",  "float64"};
+    return (unsigned)t < sizeof names / sizeof *names ? names[t] : "unknown";
+}
+
+/* One metadata value: scalars and strings in full (long strings cut), arrays
+ * as their element type, length and first elements. */
+static void print_gguf_value(const cp_gguf *g, const cp_gguf_kv *kv, const char *key)
+{
+    cp_error err = {0};
+    cp_gguf_str str;
+    uint32_t u32;
+    int32_t i32;
+    float f32;
+    int b;
+    cp_gguf_type type = cp_gguf_kv_type(kv);
+    if (type == CP_GGUF_TYPE_STRING && cp_gguf_get_str(g, key, &str, &err) == CP_OK)
+        printf("\"%.*s%s\"", (int)(str.len > 60 ? 60 : str.len), str.data, str.len > 60 ? "..." : "");
+    else if (type == CP_GGUF_TYPE_UINT32 && cp_gguf_get_u32(g, key, &u32, &err) == CP_OK)
+        printf("%u", u32);
+    else if (type == CP_GGUF_TYPE_INT32 && cp_gguf_get_i32(g, key, &i32, &err) == CP_OK)
+        printf("%d", i32);
+    else if (type == CP_GGUF_TYPE_FLOAT32 && cp_gguf_get_f32(g, key, &f32, &err) == CP_OK)
+        printf("%g", f32);
+    else if (type == CP_GGUF_TYPE_BOOL && cp_gguf_get_bool(g, key, &b, &err) == CP_OK)
+        printf("%s", b ? "true" : "false");
+    else if (type == CP_GGUF_TYPE_ARRAY) {
+        cp_gguf_type elem;
+        uint64_t n;
+        cp_gguf_array_info(kv, &elem, &n);
+        printf("[%s x %llu]", gguf_type_name(elem), (unsigned long long)n);
+        for (uint64_t i = 0; i < n && i < 3 && elem != CP_GGUF_TYPE_ARRAY; i++) {
+            if (elem == CP_GGUF_TYPE_STRING) {
+                cp_gguf_str e = cp_gguf_array_str(kv, i);
+                printf(" \"%.*s\"", (int)(e.len > 20 ? 20 : e.len), e.data);
+            } else {
+                printf(" %g", cp_gguf_array_number(kv, i));
+            }
+        }
+        if (n > 3 && elem != CP_GGUF_TYPE_ARRAY)
+            printf(" ...");
+    } else {
+        printf("(%s)", gguf_type_name(type));
+    }
+}
+
+/* A GGUF file: version, metadata and tensors. Loading models from GGUF is
+ * not implemented yet, so this shows what a file holds. */
+static int inspect_gguf(const char *path)
+{
+    cp_error err = {0};
+    cp_gguf *g = NULL;
+    if (cp_gguf_open(path, &g, &err) != CP_OK)
+        return cli_report(&err);
+    printf("gguf: %s (version %u, alignment %u)\n", path, cp_gguf_version(g),
+           cp_gguf_alignment(g));
+    printf("metadata: %zu\n", cp_gguf_kv_count(g));
+    for (size_t i = 0; i < cp_gguf_kv_count(g); i++) {
+        const cp_gguf_kv *kv = cp_gguf_kv_at(g, i);
+        cp_gguf_str key = cp_gguf_kv_key(kv);
+        char name[256];
+        snprintf(name, sizeof name, "%.*s", (int)(key.len < 255 ? key.len : 255), key.data);
+        printf("  %-44s ", name);
+        print_gguf_value(g, kv, name);
+        printf("\n");
+    }
+    uint64_t params = 0;
+    printf("tensors: %zu\n", cp_gguf_tensor_count(g));
+    for (size_t i = 0; i < cp_gguf_tensor_count(g); i++) {
+        const cp_gguf_tensor *t = cp_gguf_tensor_at(g, i);
+        printf("  %-40.*s %-5s [", (int)t->name.len, t->name.data, cp_ggml_type_name(t->type));
+        for (int d = 0; d < t->n_dims; d++)
+            printf(d ? ", %llu" : "%llu", (unsigned long long)t->dims[d]);
+        printf("]\n");
+        params += t->n_elements;
+    }
+    printf("parameters: %llu\n", (unsigned long long)params);
+    cp_gguf_close(g);
+    return 0;
+}
+
 static int run(const char *path)
 {
+    size_t len = strlen(path);
+    if (len > 5 && strcmp(path + len - 5, ".gguf") == 0)
+        return inspect_gguf(path);
+
     cp_error err = {0};
     cp_model_config cfg;
     cp_safetensors *st = NULL;
@@ -200,7 +289,8 @@ int cmd_inspect(int argc, char **argv)
         .about = "Shows what PATH holds: for a Hugging Face model folder, its config;\n"
                  "for a run folder, the adapter's method and settings and its trainable\n"
                  "parameters as a share of the base model; for a folder or a .safetensors\n"
-                 "file, every tensor's name, dtype and shape, and the parameter count.",
+                 "file, every tensor's name, dtype and shape, and the parameter count; for a\n"
+                 ".gguf file, its metadata and tensors (dims innermost first, as ggml lists them).",
         .positional = path,
         .max_positional = 1,
     };
