@@ -252,6 +252,18 @@ TEST(train_rejects_bad_input)
     check_train_error(dir, "--schedule exp", "exp");
     snprintf(extra, sizeof extra, "--eval-data '%s'", empty);
     check_train_error(dir, extra, "empty.txt");
+    snprintf(extra, sizeof extra, "--data '%s'", dir);
+    check_train_error(dir, extra, "is a folder; expected a file");
+    check_train_error(dir, "--batch-size 100000", "lower --batch-size or --seq-len");
+    check_train_error(dir, "--lora-dropout 1.5", "--lora-dropout must be in [0, 1), got 1.5");
+
+    /* A missing parent folder is named as the user gave it. */
+    char missing[512], *err_text = NULL;
+    snprintf(missing, sizeof missing, "%s/no/such/run", dir);
+    char *missing_args = small_train_args(dir, missing, "");
+    CHECK_EQ_INT(test_run_cli(missing_args, NULL, NULL, &err_text), 2);
+    CHECK_MSG(strstr(err_text, "its parent folder") && !strstr(err_text, ".tmp-"), "%s", err_text);
+    free(missing_args), free(err_text);
     free(empty);
 
     /* An --out that holds other files is never replaced. */

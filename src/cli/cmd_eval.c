@@ -6,14 +6,14 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/file.h"
+#include "train/dataset.h"
 
 static int run(const char *model_dir, const char *adapter, const char *data_path, int seq_len)
 {
     cp_error err = {0};
     cp_model *model = NULL;
     cp_tokenizer *tok = NULL;
-    char *text = NULL;
-    size_t text_len = 0, n_ids = 0;
+    size_t n_ids = 0;
     int32_t *ids = NULL;
     int add_bos = 1;
     cp_eval_result result = {0};
@@ -23,10 +23,9 @@ static int run(const char *model_dir, const char *adapter, const char *data_path
         st = cp_model_load_adapter(model, adapter, &err);
     if (st == CP_OK)
         st = cli_load_tokenizer(model_dir, &tok, &add_bos, &err);
+    /* The same reader as training: plain text as one text, .jsonl by record. */
     if (st == CP_OK)
-        st = cp_file_read(data_path, &text, &text_len, &err);
-    if (st == CP_OK)
-        st = cp_tokenizer_encode(tok, text, text_len, add_bos, &ids, &n_ids, &err);
+        st = cp_dataset_tokenize_file(tok, data_path, add_bos, &ids, &n_ids, &err);
     if (st == CP_OK) {
         int context = cp_model_context_length(model);
         if (seq_len < 0)
@@ -46,7 +45,6 @@ static int run(const char *model_dir, const char *adapter, const char *data_path
                result.perplexity, result.tokens);
 
     free(ids);
-    free(text);
     cp_tokenizer_free(tok);
     cp_model_free(model);
     return st == CP_OK ? 0 : cli_report(&err);
@@ -67,7 +65,8 @@ int cmd_eval(int argc, char **argv)
     const cli_command cmd = {
         .name = "eval",
         .usage = "--model DIR [--adapter DIR] --data FILE [--seq-len N]",
-        .about = "Tokenizes FILE as one text (BOS once at the start), cuts the ids into\n"
+        .about = "Tokenizes FILE as one text (BOS once at the start; a .jsonl file record by\n"
+                 "record from its \"text\" fields, as training reads it), cuts the ids into\n"
                  "consecutive windows of N inputs, each predicting the ids one position\n"
                  "further on, drops a partial last window, and prints one JSON line:\n"
                  "{\"loss\": mean cross-entropy in nats per predicted token,\n"

@@ -122,7 +122,7 @@ static cp_status inspect_run(const char *dir, const char *config_path, cp_error 
     const cJSON *type = cJSON_GetObjectItem(cfg, "peft_type");
     const cJSON *base = cJSON_GetObjectItem(cfg, "base_model_name_or_path");
     char *targets = cJSON_PrintUnformatted(cJSON_GetObjectItem(cfg, "target_modules"));
-    printf("run: %s\n", dir);
+    printf("adapter: %s\n", dir);
     printf("  method              %s\n", cJSON_IsString(type) ? type->valuestring : "unknown");
     printf("  r                   %g\n", cJSON_GetNumberValue(cJSON_GetObjectItem(cfg, "r")));
     printf("  lora_alpha          %g\n",

@@ -70,6 +70,10 @@ static int run(const cp_train_params *p, int quiet)
     signal(SIGINT, request_stop);
     signal(SIGTERM, request_stop);
     cp_status st = cp_train_run(p, print_progress, &ps, &res, &err);
+    if (st != CP_OK && stop_requested) {
+        fprintf(stderr, "cpeft: %s\n", err.msg);
+        return 130; /* the shell's status for a run ended by Ctrl-C */
+    }
     if (st != CP_OK)
         return cli_report(&err);
     printf("trainable parameters: %zu (%.3f%% of %zu)\n", res.trainable_params,

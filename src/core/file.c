@@ -50,6 +50,8 @@ void cp_mapped_file_free(cp_mapped_file *f)
 cp_status cp_file_read(const char *path, char **out, size_t *len, cp_error *err)
 {
     *out = NULL;
+    if (cp_file_is_dir(path))
+        return cp_error_set(err, CP_ERR_INPUT, "%s: is a folder; expected a file", path);
     FILE *fp = fopen(path, "rb");
     if (!fp)
         return cp_error_set(err, CP_ERR_INPUT, "%s: cannot open: %s", path, strerror(errno));

@@ -85,6 +85,24 @@ cp_status cp_run_folder_begin(cp_run_folder *rf, const char *final_path, cp_erro
         return cp_error_nomem(err, "a path", n + 32);
     }
     snprintf(rf->tmp_path, n + 32, "%s.tmp-%ld", rf->final_path, (long)getpid());
+
+    /* Name the folder the user gave, not the temporary one, when its parent is missing. */
+    char *slash = strrchr(rf->final_path, '/');
+    if (slash && slash != rf->final_path) {
+        *slash = '\0';
+        int parent_ok = cp_file_is_dir(rf->final_path);
+        char parent[512];
+        snprintf(parent, sizeof parent, "%s", rf->final_path);
+        *slash = '/';
+        if (!parent_ok) {
+            st = cp_error_set(err, CP_ERR_INPUT,
+                              "%s: cannot create the run folder: its parent folder %s does not "
+                              "exist; create it first",
+                              rf->final_path, parent);
+            cp_run_folder_abort(rf);
+            return st;
+        }
+    }
     remove_folder(rf->tmp_path); /* a leftover of a crashed run with our pid */
     if (mkdir(rf->tmp_path, 0755) != 0) {
         st = cp_error_set(err, CP_ERR_INPUT, "%s: cannot create: %s", rf->tmp_path,

@@ -106,7 +106,43 @@ static cp_status build_param_refs(trainer *t, cp_error *err)
     return CP_OK;
 }
 
-static cp_status load_inputs(trainer *t, const cp_train_params *p, cp_error *err)
+/* Checks each setting on its own, before any file is read, so that the
+ * message names the option to change. */
+static cp_status check_settings(const cp_train_params *p, cp_error *err)
+{
+    const struct {
+        int bad;
+        const char *option, *rule;
+        double value;
+    } checks[] = {
+        {p->steps <= 0, "--steps", "must be positive", p->steps},
+        {p->batch_size <= 0, "--batch-size", "must be positive", p->batch_size},
+        {p->seq_len <= 0, "--seq-len", "must be positive", p->seq_len},
+        {p->grad_accum <= 0, "--grad-accum", "must be positive", p->grad_accum},
+        {!(p->lr > 0), "--lr", "must be positive", p->lr},
+        {p->weight_decay < 0, "--weight-decay", "must be >= 0", p->weight_decay},
+        {p->max_grad_norm < 0, "--max-grad-norm", "must be >= 0", p->max_grad_norm},
+        {p->eval_every < 0, "--eval-every", "must be >= 0", p->eval_every},
+        {!(p->eval_split >= 0 && p->eval_split < 1), "--eval-split", "must be in [0, 1)",
+         p->eval_split},
+        {!(p->warmup_ratio >= 0 && p->warmup_ratio <= 1), "--warmup-ratio", "must be in [0, 1]",
+         p->warmup_ratio},
+        {p->lora.r <= 0, "--r", "must be positive", p->lora.r},
+        {!(p->lora.alpha > 0), "--alpha", "must be positive", p->lora.alpha},
+        {!(p->lora.dropout >= 0 && p->lora.dropout < 1), "--lora-dropout", "must be in [0, 1)",
+         p->lora.dropout},
+    };
+    for (size_t i = 0; i < sizeof checks / sizeof *checks; i++)
+        if (checks[i].bad)
+            return cp_error_set(err, CP_ERR_INPUT, "%s %s, got %g", checks[i].option,
+                                checks[i].rule, checks[i].value);
+    return CP_OK;
+}
+
+/* The model, its tokenizer, the LoRA targets named for its architecture,
+ * then the data. */
+static cp_status load_inputs(trainer *t, const cp_train_params *p, cp_lora_params *lp,
+                             cp_error *err)
 {
     cp_status st = cp_model_load(p->model_dir, &t->model, err);
     int add_bos = 1;
@@ -116,6 +152,12 @@ static cp_status load_inputs(trainer *t, const cp_train_params *p, cp_error *err
         st = cp_tokenizer_config_add_bos(p->model_dir, &add_bos, err);
     if (st != CP_OK)
         return st;
+
+    const cp_model_config *mc = &t->model->cfg;
+    if (p->targets && (st = cp_proj_parse_list(mc, p->targets, &lp->targets, err)))
+        return cp_error_prefix(err, "--target");
+    if (!p->targets && mc->fused_qkv)
+        lp->targets = 1u << CP_PROJ_QKV; /* PEFT's default for GPT-2: c_attn */
 
     cp_dataset_params dp = cp_dataset_default_params();
     dp.train_path = p->data_path;
@@ -128,34 +170,41 @@ static cp_status load_inputs(trainer *t, const cp_train_params *p, cp_error *err
     return cp_dataset_init(&t->data, t->tok, &dp, err);
 }
 
+/* Activation buffers sized by --batch-size and --seq-len: running out of
+ * memory there is a setting to lower, not a failure of the machine. */
+static cp_status allocate_activations(trainer *t, int B, int T, cp_error *err)
+{
+    cp_status st = cp_lora_reserve(&t->lora, B * T, err);
+    if (st == CP_OK)
+        st = cp_forward_buffers_init(&t->fb, &t->model->cfg, B, T, 1, err);
+    if (st == CP_OK)
+        st = cp_backward_buffers_init(&t->bb, &t->model->cfg, B, T, err);
+    if (st == CP_ERR_NOMEM) {
+        char cause[CP_ERROR_MSG_MAX];
+        snprintf(cause, sizeof cause, "%s", err->msg);
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "batch size %d x sequence length %d: %s; lower --batch-size or "
+                            "--seq-len",
+                            B, T, cause);
+    }
+    return st;
+}
+
 static cp_status setup(trainer *t, const cp_train_params *p, cp_error *err)
 {
     int B = p->batch_size, T = p->seq_len;
-    if (p->steps <= 0 || B <= 0 || p->grad_accum <= 0 || !(p->lr > 0) || p->weight_decay < 0 ||
-        p->max_grad_norm < 0 || p->eval_every < 0)
-        return cp_error_set(err, CP_ERR_INPUT,
-                            "invalid training settings: steps, batch size, grad-accum and lr "
-                            "must be positive; weight decay, max-grad-norm and eval-every >= 0");
-    cp_status st = cp_run_folder_begin(&t->run, p->out_dir, err);
-    if (st == CP_OK)
-        st = load_inputs(t, p, err);
     cp_lora_params lp = p->lora;
-    const cp_model_config *mc = st == CP_OK ? &t->model->cfg : NULL;
-    if (st == CP_OK && p->targets) {
-        st = cp_proj_parse_list(mc, p->targets, &lp.targets, err);
-    } else if (st == CP_OK && mc->fused_qkv) {
-        lp.targets = 1u << CP_PROJ_QKV; /* PEFT's default for GPT-2: c_attn */
-    }
+    cp_status st = check_settings(p, err);
     if (st == CP_OK)
-        st = cp_lora_init(&t->lora, mc, &lp, err);
+        st = cp_run_folder_begin(&t->run, p->out_dir, err);
     if (st == CP_OK)
-        st = cp_lora_reserve(&t->lora, B * T, err);
+        st = load_inputs(t, p, &lp, err);
+    if (st == CP_OK)
+        st = cp_lora_init(&t->lora, &t->model->cfg, &lp, err);
     if (st == CP_OK) {
         t->model->lora = &t->lora;
-        st = cp_forward_buffers_init(&t->fb, &t->model->cfg, B, T, 1, err);
+        st = allocate_activations(t, B, T, err);
     }
-    if (st == CP_OK)
-        st = cp_backward_buffers_init(&t->bb, &t->model->cfg, B, T, err);
     if (st == CP_OK)
         st = build_param_refs(t, err);
     if (st == CP_OK) {
@@ -299,8 +348,12 @@ cp_status cp_train_run(const cp_train_params *p, cp_train_callback callback, voi
 
     /* The adapter and the metrics go into the temporary folder, which then
      * replaces the final one. */
+    /* The base model is recorded by absolute path, so the run folder names
+     * it correctly from any working directory. */
+    char *base = st == CP_OK ? realpath(p->model_dir, NULL) : NULL;
     if (st == CP_OK)
-        st = cp_lora_save(&t.lora, t.run.tmp_path, p->model_dir, err);
+        st = cp_lora_save(&t.lora, t.run.tmp_path, base ? base : p->model_dir, err);
+    free(base);
     if (st == CP_OK && (fflush(t.metrics) != 0 || fsync(fileno(t.metrics)) != 0))
         st = cp_error_set(err, CP_ERR_IO, "%s: cannot write metrics.jsonl", t.run.tmp_path);
     if (st == CP_OK) {
