@@ -78,6 +78,13 @@ TEST(cli_tokenize_round_trip)
     CHECK_EQ_STR(out, "1\n");
     free(out);
 
+    snprintf(args, sizeof args, "tokenize --tokenizer '%s'",
+             test_shared("tokenizers/gpt2/vocab.json"));
+    check_user_error(args, "hi", "pass the folder that holds them");
+    snprintf(args, sizeof args, "tokenize --tokenizer '%s'",
+             test_shared("models/stories260K/llama2c/tok512.bin"));
+    check_user_error(args, "hi", "llama2.c's exported tokenizer");
+
     snprintf(args, sizeof args, "tokenize --model '%s' --decode", model_dir());
     check_user_error(args, "1 2 x", "byte 4: expected a non-negative token id");
     check_user_error(args, "1 99999", "99999");

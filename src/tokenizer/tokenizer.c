@@ -38,8 +38,19 @@ static cp_status reject_kind(const char *path, const char *kind, cp_error *err)
  * anything else as SentencePiece after rejecting GGUF. */
 static cp_status load_file(const char *path, cp_tokenizer *t, cp_error *err)
 {
+    /* GPT-2's vocab.json and merges.txt only work as a pair, so name the folder. */
+    if (ends_with(path, "vocab.json") || ends_with(path, "merges.txt"))
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: a byte-level BPE vocabulary needs both vocab.json and "
+                            "merges.txt; pass the folder that holds them",
+                            path);
     if (ends_with(path, ".json"))
         return cp_bpe_load_json(path, &t->bpe, err);
+    if (ends_with(path, ".bin"))
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: looks like llama2.c's exported tokenizer, which cpeft does not "
+                            "read; pass the SentencePiece tokenizer.model it was made from",
+                            path);
 
     cp_mapped_file f;
     cp_status st = cp_file_map(path, &f, err);

@@ -244,8 +244,8 @@ static cp_status setup_eval(cp_dataset *ds, const cp_tokenizer *tok, const cp_da
     if (n_eval > 0 && n_eval < (size_t)ds->seq_len + 1)
         return cp_error_set(err, CP_ERR_INPUT,
                             "%s: the held-out last %g%% of the stream is %zu tokens, but one "
-                            "evaluation window of sequence length %d needs %d; raise the eval "
-                            "split, give a separate eval file, or set the eval split to 0",
+                            "evaluation window of sequence length %d needs %d; raise "
+                            "--eval-split, give --eval-data, or set --eval-split 0",
                             p->train_path, p->eval_split * 100.0, n_eval, ds->seq_len,
                             ds->seq_len + 1);
     return CP_OK;
