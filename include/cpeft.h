@@ -4,7 +4,7 @@
  * This header is the public C API: loading a Hugging Face model folder
  * (GPT-2, Llama, Mistral, Qwen2), tokenizing, generating and evaluating,
  * with or without a LoRA adapter. Handles are opaque; every function
- * that allocates says who frees. Functions that can fail return a cp_status
+ * that allocates names who frees. Functions that can fail return a cp_status
  * and fill a caller-provided cp_error with a one-line message that names the
  * file, the position and what to do. The library never prints and never exits.
  *

@@ -164,6 +164,46 @@ cJSON *test_read_json(const char *path)
     return root;
 }
 
+void test_check_ids(const char *what, const int32_t *got, size_t n_got, const int32_t *want,
+                    size_t n_want)
+{
+    size_t i = 0;
+    while (i < n_got && i < n_want && got[i] == want[i])
+        i++;
+    CHECK_MSG(i == n_got && i == n_want,
+              "%s: ids differ at index %zu (got %zu ids, expected %zu; got %d, expected %d)",
+              what, i, n_got, n_want, i < n_got ? got[i] : -1, i < n_want ? want[i] : -1);
+}
+
+int32_t *test_parse_id_line(const char *line, size_t len, size_t *n)
+{
+    int32_t *ids = malloc((len / 2 + 1) * sizeof *ids);
+    if (!ids)
+        abort();
+    *n = 0;
+    const char *p = line, *end = line + len;
+    while (p < end) {
+        while (p < end && (*p == ' ' || *p == '\r'))
+            p++;
+        if (p == end)
+            break;
+        char *next;
+        ids[(*n)++] = (int32_t)strtol(p, &next, 10);
+        CHECK_MSG(next > p, "bad id in line \"%.*s\"", (int)len, line);
+        if (next == p)
+            break;
+        p = next;
+    }
+    return ids;
+}
+
+double test_seconds_since(const struct timespec *start)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)(now.tv_sec - start->tv_sec) + (double)(now.tv_nsec - start->tv_nsec) * 1e-9;
+}
+
 int test_count_lines(const char *s)
 {
     int n = 0;

@@ -10,6 +10,8 @@
 #define CP_TEST_H
 
 #include <math.h>
+#include <stdint.h>
+#include <time.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -88,6 +90,18 @@ int test_run_cli(const char *args, const char *stdin_text, char **out, char **er
  * returns NULL when it cannot be read or parsed. The caller frees the result
  * with cJSON_Delete. */
 struct cJSON *test_read_json(const char *path);
+
+/* Compares ids with expected ids and records a failure naming what and the
+ * first index where they differ. */
+void test_check_ids(const char *what, const int32_t *got, size_t n_got, const int32_t *want,
+                    size_t n_want);
+
+/* Parses one line of space-separated ids (a llama.cpp .out file's format)
+ * into a malloc'd array; *n receives the count. */
+int32_t *test_parse_id_line(const char *line, size_t len, size_t *n);
+
+/* Returns the seconds since start on the monotonic clock. */
+double test_seconds_since(const struct timespec *start);
 
 /* Counts the lines in s (a final line without '\n' counts). */
 int test_count_lines(const char *s);

@@ -44,17 +44,6 @@ static char *read_shared(const char *relative, size_t *len)
     return text;
 }
 
-static void check_ids(const char *what, const int32_t *got, size_t n_got, const int32_t *want,
-                      size_t n_want)
-{
-    size_t i = 0;
-    while (i < n_got && i < n_want && got[i] == want[i])
-        i++;
-    CHECK_MSG(i == n_got && i == n_want,
-              "%s: ids differ at index %zu (got %zu ids, expected %zu; got %d, expected %d)",
-              what, i, n_got, n_want, i < n_got ? got[i] : -1, i < n_want ? want[i] : -1);
-}
-
 /* Checks that decode(encode(text)) gives text back byte for byte. */
 static void check_round_trip(const cp_tokenizer *tok, const char *what, const char *text,
                              size_t len)
@@ -71,28 +60,6 @@ static void check_round_trip(const cp_tokenizer *tok, const char *what, const ch
               "%s: the round trip changed the text (%zu bytes in, %zu out)", what, len, out_len);
     free(out);
     free(ids);
-}
-
-/* Parses one line of space-separated ids from a llama.cpp .out file. */
-static int32_t *parse_id_line(const char *line, size_t len, size_t *n)
-{
-    int32_t *ids = malloc((len / 2 + 1) * sizeof *ids);
-    CHECK(ids != NULL);
-    *n = 0;
-    const char *p = line, *end = line + len;
-    while (ids && p < end) {
-        while (p < end && (*p == ' ' || *p == '\r'))
-            p++;
-        if (p == end)
-            break;
-        char *next;
-        ids[(*n)++] = (int32_t)strtol(p, &next, 10);
-        CHECK_MSG(next > p, "bad id in line \"%.*s\"", (int)len, line);
-        if (next == p)
-            break;
-        p = next;
-    }
-    return ids;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -122,13 +89,13 @@ static void check_test_vectors(const char *tokenizer)
 
         cp_error err = {0};
         size_t n_want, n_got = 0;
-        int32_t *want = parse_id_line(out + line_start, line_end - line_start, &n_want);
+        int32_t *want = test_parse_id_line(out + line_start, line_end - line_start, &n_want);
         int32_t *got = NULL;
         CHECK_MSG(cp_tokenizer_encode(tok, inp + pos, case_end - pos, 0, &got, &n_got, &err) ==
                       CP_OK, "%s", err.msg);
         char what[128];
         snprintf(what, sizeof what, "%s case %zu \"%.40s\"", tokenizer, n_cases, inp + pos);
-        check_ids(what, got, n_got, want, n_want);
+        test_check_ids(what, got, n_got, want, n_want);
         check_round_trip(tok, what, inp + pos, case_end - pos);
         free(got);
         free(want);
@@ -170,13 +137,13 @@ TEST(bpe_gpt2_basics)
     int32_t *ids = NULL;
     size_t n = 0;
     CHECK(cp_tokenizer_encode(tok, "Hello world", 11, 1, &ids, &n, &err) == CP_OK);
-    check_ids("Hello world with add_bos", ids, n, (const int32_t[]){15496, 995}, 2);
+    test_check_ids("Hello world with add_bos", ids, n, (const int32_t[]){15496, 995}, 2);
     free(ids);
 
     /* <|endoftext|> is one unit, even inside words, and decodes to no text. */
     const char *text = "a<|endoftext|>b <|endoftext|>";
     CHECK(cp_tokenizer_encode(tok, text, strlen(text), 0, &ids, &n, &err) == CP_OK);
-    check_ids("endoftext", ids, n, (const int32_t[]){64, 50256, 65, 220, 50256}, 5);
+    test_check_ids("endoftext", ids, n, (const int32_t[]){64, 50256, 65, 220, 50256}, 5);
     char *out = NULL;
     size_t out_len = 0;
     CHECK(cp_tokenizer_decode(tok, ids, n, &out, &out_len, &err) == CP_OK);
@@ -230,13 +197,6 @@ TEST(bpe_pretokenizer_splits)
     }
 }
 
-static double seconds_since(const struct timespec *start)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (double)(now.tv_sec - start->tv_sec) + (double)(now.tv_nsec - start->tv_nsec) * 1e-9;
-}
-
 /* All of tinyshakespeare round-trips. The time limit is loose, for
  * sanitizer builds; an optimized build takes well under a second. */
 TEST(bpe_shakespeare_round_trip)
@@ -252,7 +212,7 @@ TEST(bpe_shakespeare_round_trip)
         cp_error err = {0};
         CHECK_MSG(cp_tokenizer_encode(tok, text, len, 0, &ids, &n, &err) == CP_OK, "%s",
                   err.msg);
-        double seconds = seconds_since(&start);
+        double seconds = test_seconds_since(&start);
         printf("  tinyshakespeare: %zu bytes, %zu tokens in %.3f s\n", len, n, seconds);
         CHECK_MSG(seconds < 20, "encoding took %.1f s", seconds);
         CHECK(n > len / 5);
@@ -277,7 +237,7 @@ TEST(bpe_loaders_agree_on_all_bytes)
         size_t n_a = 0, n_b = 0;
         CHECK(cp_tokenizer_encode(a, text, sizeof text, 0, &ids_a, &n_a, &err) == CP_OK);
         CHECK(cp_tokenizer_encode(b, text, sizeof text, 0, &ids_b, &n_b, &err) == CP_OK);
-        check_ids("all bytes", ids_a, n_a, ids_b, n_b);
+        test_check_ids("all bytes", ids_a, n_a, ids_b, n_b);
         free(ids_a);
         free(ids_b);
         check_round_trip(a, "all bytes", text, sizeof text);
@@ -377,7 +337,7 @@ TEST(bpe_small_json_loads)
         int32_t *ids = NULL;
         size_t n = 0;
         CHECK(cp_tokenizer_encode(tok, "abba<|endoftext|>", 17, 0, &ids, &n, &err) == CP_OK);
-        check_ids("abba", ids, n, (const int32_t[]){2, 1, 0, 3}, 4);
+        test_check_ids("abba", ids, n, (const int32_t[]){2, 1, 0, 3}, 4);
         free(ids);
         /* "c" has no single-byte token in this vocabulary. */
         CHECK_EQ_INT(cp_tokenizer_encode(tok, "abc", 3, 0, &ids, &n, &err), CP_ERR_INPUT);

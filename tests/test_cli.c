@@ -36,7 +36,8 @@ TEST(cli_help_and_usage)
     }
     char *out = NULL;
     CHECK_EQ_INT(test_run_cli("--help", NULL, &out, NULL), 0);
-    CHECK(strstr(out, "generate") && strstr(out, "tokenize"));
+    CHECK(strstr(out, "generate") != NULL);
+    CHECK(strstr(out, "tokenize") != NULL);
     free(out);
     char *err = NULL;
     CHECK_EQ_INT(test_run_cli("", NULL, NULL, &err), 2);
@@ -140,7 +141,8 @@ TEST(cli_eval_reads_jsonl_records)
     /* One record adds EOS after the text, so the loss may differ only by
      * one extra window; the JSON syntax itself must not be tokenized. */
     const char *a = strstr(out_txt, "\"loss\": "), *b = strstr(out_jsonl, "\"loss\": ");
-    CHECK(a && b);
+    CHECK(a != NULL);
+    CHECK(b != NULL);
     if (a && b)
         CHECK_MSG(fabs(atof(a + 8) - atof(b + 8)) < 0.05, "text %s jsonl %s", out_txt, out_jsonl);
     free(out_txt), free(out_jsonl), free(jsonl), free(line), free(text), free(cmd), free(txt_path);

@@ -266,7 +266,7 @@ TEST(train_rejects_bad_input)
     free(missing_args), free(err_text);
     free(empty);
 
-    /* An --out that holds other files is never replaced. */
+    /* An --out that contains other files is never replaced. */
     char other[512];
     snprintf(other, sizeof other, "%s/precious", dir);
     mkdir(other, 0755);
@@ -399,17 +399,28 @@ TEST(lora_gpt2_uses_peft_names)
     CHECK(cp_safetensors_open(path, &st, &err) == CP_OK);
     const cp_st_tensor *a = st ? cp_safetensors_find(st, "base_model.model.transformer.h.1.attn.c_attn.lora_A.weight") : NULL;
     const cp_st_tensor *b = st ? cp_safetensors_find(st, "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight") : NULL;
-    CHECK(a && a->shape[0] == 4 && a->shape[1] == 16);
-    CHECK(b && b->shape[0] == 48 && b->shape[1] == 4);
-    CHECK(st && cp_safetensors_find(st, "base_model.model.transformer.h.0.mlp.c_proj.lora_B.weight"));
+    CHECK(a != NULL);
+    CHECK(b != NULL);
+    if (a && b) {
+        CHECK_EQ_INT(a->shape[0], 4);
+        CHECK_EQ_INT(a->shape[1], 16);
+        CHECK_EQ_INT(b->shape[0], 48);
+        CHECK_EQ_INT(b->shape[1], 4);
+    }
+    CHECK(st != NULL);
+    if (st)
+        CHECK(cp_safetensors_find(st, "base_model.model.transformer.h.0.mlp.c_proj.lora_B.weight"));
     CHECK_EQ_INT(st ? cp_safetensors_count(st) : 0, 2 * 3 * 2);
     cp_safetensors_close(st);
     free(path);
 
     char *text = NULL, *config = cp_path_join(dir, "adapter_config.json");
     CHECK(cp_file_read(config, &text, NULL, &err) == CP_OK);
-    CHECK(text && strstr(text, "\"fan_in_fan_out\":\ttrue") != NULL);
-    CHECK(text && strstr(text, "\"target_modules\":\t[\"c_proj\", \"c_attn\"]") != NULL);
+    CHECK(text != NULL);
+    if (text) {
+        CHECK(strstr(text, "\"fan_in_fan_out\":\ttrue") != NULL);
+        CHECK(strstr(text, "\"target_modules\":\t[\"c_proj\", \"c_attn\"]") != NULL);
+    }
     free(text), free(config);
 
     /* The saved adapter loads back onto the same base. */

@@ -86,18 +86,6 @@ static int32_t piece_id(const cp_sp_model *m, const char *piece)
     return cp_sp_piece_id(m, piece, strlen(piece));
 }
 
-/* Compares ids with expected ids and reports the first difference. */
-static void check_ids(const char *what, const int32_t *got, size_t n_got, const int32_t *want,
-                      size_t n_want)
-{
-    size_t i = 0;
-    while (i < n_got && i < n_want && got[i] == want[i])
-        i++;
-    CHECK_MSG(i == n_got && i == n_want,
-              "%s: ids differ at index %zu (got %zu ids, expected %zu; got %d, expected %d)",
-              what, i, n_got, n_want, i < n_got ? got[i] : -1, i < n_want ? want[i] : -1);
-}
-
 /* Returns the ids of a JSON array of numbers as a malloc'd array and stores
  * the count in *n. */
 static int32_t *json_ids(const cJSON *array, size_t *n)
@@ -124,38 +112,9 @@ static uint64_t ids_hash(const int32_t *ids, size_t n)
     return h;
 }
 
-static double seconds_since(const struct timespec *start)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (double)(now.tv_sec - start->tv_sec) + (double)(now.tv_nsec - start->tv_nsec) * 1e-9;
-}
-
 /* ---------------------------------------------------------------------- */
 /* Reference ids                                                          */
 /* ---------------------------------------------------------------------- */
-
-/* Parses one line of space-separated ids from a llama.cpp .out file. */
-static int32_t *parse_id_line(const char *line, size_t len, size_t *n)
-{
-    int32_t *ids = malloc((len / 2 + 1) * sizeof *ids);
-    CHECK(ids != NULL);
-    *n = 0;
-    const char *p = line, *end = line + len;
-    while (p < end) {
-        while (p < end && (*p == ' ' || *p == '\r'))
-            p++;
-        if (p == end)
-            break;
-        char *next;
-        ids[(*n)++] = (int32_t)strtol(p, &next, 10);
-        CHECK_MSG(next > p, "bad id in line \"%.*s\"", (int)len, line);
-        if (next == p)
-            break;
-        p = next;
-    }
-    return ids;
-}
 
 /* llama.cpp's test-tokenizer-0 splits the .inp file at
  * "\n__ggml_vocab_test__\n", so the text before the final separator is the
@@ -184,12 +143,12 @@ TEST(sp_llama_cpp_test_vectors)
         size_t line_end = nl ? (size_t)(nl - out) : out_len;
 
         size_t n_want, n_got = 0;
-        int32_t *want = parse_id_line(out + line_start, line_end - line_start, &n_want);
+        int32_t *want = test_parse_id_line(out + line_start, line_end - line_start, &n_want);
         int32_t *got = NULL;
         CHECK(cp_tokenizer_encode(tok, inp + pos, case_end - pos, 0, &got, &n_got, &err) == CP_OK);
         char what[96];
         snprintf(what, sizeof what, "case %zu \"%.40s\"", n_cases, inp + pos);
-        check_ids(what, got, n_got, want, n_want);
+        test_check_ids(what, got, n_got, want, n_want);
         free(got);
         free(want);
 
@@ -229,7 +188,7 @@ TEST(sp_stories_golden_prompts)
         int32_t *got = NULL;
         size_t n_got = 0;
         CHECK(cp_tokenizer_encode(tok, prompt, strlen(prompt), 1, &got, &n_got, &err) == CP_OK);
-        check_ids(prompt, got, n_got, want, n_want);
+        test_check_ids(prompt, got, n_got, want, n_want);
         free(got);
         free(want);
     }
@@ -263,7 +222,7 @@ static void check_fixture_model(const char *name, const cJSON *spec)
         int32_t *got = encode(m, text, strlen(text), &n_got);
         char what[128];
         snprintf(what, sizeof what, "%s: \"%.60s\"", name, text);
-        check_ids(what, got, n_got, want, n_want);
+        test_check_ids(what, got, n_got, want, n_want);
 
         char *decoded = decode(m, want, n_want, &len);
         CHECK_MSG(decoded && strcmp(decoded, want_text) == 0, "%s decodes to \"%s\", expected \"%s\"",
@@ -353,7 +312,7 @@ TEST(sp_llama2_shakespeare_round_trip)
     struct timespec start;
     clock_gettime(CLOCK_MONOTONIC, &start);
     int32_t *ids = encode(m, text, len, &n);
-    double seconds = seconds_since(&start);
+    double seconds = test_seconds_since(&start);
     CHECK_MSG(seconds < 20.0, "encoding %zu bytes took %.1f s", len, seconds);
 
     char *out = decode(m, ids, n, &out_len);
@@ -706,11 +665,11 @@ TEST(sp_tiny_model_skips_unknown_fields)
     /* "▁ab" beats "ab", which beats "▁" + "a". The "c" is unknown. */
     size_t n;
     int32_t *ids = encode(m, "ab abc", 6, &n);
-    check_ids("ab abc", ids, n, (const int32_t[]){7, 7, 0}, 3);
+    test_check_ids("ab abc", ids, n, (const int32_t[]){7, 7, 0}, 3);
     free(ids);
     /* Without byte fallback, a run of unknown characters is one <unk>. */
     ids = encode(m, "cdé", strlen("cdé"), &n);
-    check_ids("cdé", ids, n, (const int32_t[]){3, 0}, 2);
+    test_check_ids("cdé", ids, n, (const int32_t[]){3, 0}, 2);
     free(ids);
     cp_sp_free(m);
 }
@@ -919,7 +878,7 @@ TEST(tokenizer_encode_with_bos)
     int32_t *ids = NULL;
     size_t n = 0, len = 0;
     CHECK(cp_tokenizer_encode(tok, "Hello world", 11, 1, &ids, &n, &err) == CP_OK);
-    check_ids("Hello world", ids, n, (const int32_t[]){1, 15043, 3186}, 3);
+    test_check_ids("Hello world", ids, n, (const int32_t[]){1, 15043, 3186}, 3);
     char *text = NULL;
     CHECK(cp_tokenizer_decode(tok, ids, n, &text, &len, &err) == CP_OK);
     CHECK_EQ_STR(text, "Hello world");
@@ -927,7 +886,7 @@ TEST(tokenizer_encode_with_bos)
     free(ids);
 
     CHECK(cp_tokenizer_encode(tok, "", 0, 1, &ids, &n, &err) == CP_OK);
-    check_ids("empty text", ids, n, (const int32_t[]){1}, 1);
+    test_check_ids("empty text", ids, n, (const int32_t[]){1}, 1);
     free(ids);
     cp_tokenizer_free(tok);
 }

@@ -1,4 +1,4 @@
-/* cpeft inspect: what a model folder, a run folder or a safetensors file holds. */
+/* cpeft inspect: what a model folder, a run folder or a safetensors file contains. */
 #include <cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -206,7 +206,7 @@ static void print_gguf_value(const cp_gguf *g, const cp_gguf_kv *kv, const char 
 }
 
 /* A GGUF file: version, metadata and tensors. Loading models from GGUF is
- * not implemented yet, so this shows what a file holds. */
+ * not implemented yet, so this shows what a file contains. */
 static int inspect_gguf(const char *path)
 {
     cp_error err = {0};
@@ -286,7 +286,7 @@ int cmd_inspect(int argc, char **argv)
     const cli_command cmd = {
         .name = "inspect",
         .usage = "PATH",
-        .about = "Shows what PATH holds: for a Hugging Face model folder, its config;\n"
+        .about = "Shows what PATH contains: for a Hugging Face model folder, its config;\n"
                  "for a run folder, the adapter's method and settings and its trainable\n"
                  "parameters as a share of the base model; for a folder or a .safetensors\n"
                  "file, every tensor's name, dtype and shape, and the parameter count; for a\n"

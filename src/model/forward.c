@@ -97,7 +97,7 @@ cp_layer_acts cp_forward_layer(const cp_forward_buffers *fb, const cp_model_conf
     };
 }
 
-static void add_inplace(float *dst, const float *src, size_t n)
+void cp_add_inplace(float *dst, const float *src, size_t n)
 {
 #pragma omp parallel for if (n > 65536)
     for (size_t i = 0; i < n; i++)
@@ -197,14 +197,14 @@ static void layer_forward(const cp_model *m, cp_forward_buffers *fb, int l, floa
     cp_attention_forward(a.attn_out, a.att, a.q, a.k, a.v, B, T, H, KVH, D, c->sliding_window);
     cp_model_project(m, l, CP_PROJ_O, fb->scratch, a.attn_out, N);
     memcpy(a.mid, a.residual, (size_t)N * C * sizeof(float));
-    add_inplace(a.mid, fb->scratch, (size_t)N * C);
+    cp_add_inplace(a.mid, fb->scratch, (size_t)N * C);
 
     /* MLP block. */
     cp_model_norm(m, a.norm2, a.mean2, a.rstd2, a.mid, w->mlp_norm, w->mlp_norm_bias, N);
     cp_model_mlp_hidden(m, l, a.swiglu, a.gate, a.up, a.norm2, N);
     cp_model_project(m, l, CP_PROJ_DOWN, fb->scratch, a.swiglu, N);
     memcpy(x_out, a.mid, (size_t)N * C * sizeof(float));
-    add_inplace(x_out, fb->scratch, (size_t)N * C);
+    cp_add_inplace(x_out, fb->scratch, (size_t)N * C);
 }
 
 void cp_model_forward(const cp_model *m, cp_forward_buffers *fb, const int32_t *ids)

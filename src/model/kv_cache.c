@@ -50,12 +50,6 @@ void cp_kv_cache_free(cp_kv_cache *kv)
     memset(kv, 0, sizeof *kv);
 }
 
-static void add_inplace(float *dst, const float *src, int n)
-{
-    for (int i = 0; i < n; i++)
-        dst[i] += src[i];
-}
-
 void cp_kv_cache_step(const cp_model *m, cp_kv_cache *kv, int32_t token)
 {
     const cp_model_config *c = &m->cfg;
@@ -76,12 +70,12 @@ void cp_kv_cache_step(const cp_model *m, cp_kv_cache *kv, int32_t token)
         cp_attention_decode(kv->attn_out, kv->scores, kv->q, k_cache, v_cache, pos + 1, H, KVH,
                             D, c->sliding_window);
         cp_model_project(m, l, CP_PROJ_O, kv->proj, kv->attn_out, 1);
-        add_inplace(kv->x, kv->proj, C);
+        cp_add_inplace(kv->x, kv->proj, (size_t)C);
 
         cp_model_norm(m, kv->xn, NULL, NULL, kv->x, w->mlp_norm, w->mlp_norm_bias, 1);
         cp_model_mlp_hidden(m, l, kv->hidden, kv->gate, kv->up, kv->xn, 1);
         cp_model_project(m, l, CP_PROJ_DOWN, kv->proj, kv->hidden, 1);
-        add_inplace(kv->x, kv->proj, C);
+        cp_add_inplace(kv->x, kv->proj, (size_t)C);
     }
     cp_model_norm(m, kv->xn, NULL, NULL, kv->x, m->final_norm, m->final_norm_bias, 1);
     cp_matmul_forward(kv->logits, kv->xn, m->lm_head, NULL, 1, C, c->vocab_size);

@@ -8,7 +8,7 @@
 #include "model/model.h"
 
 typedef struct cp_kv_cache {
-    int n_ctx;       /* positions the cache holds */
+    int n_ctx;       /* positions the cache has room for */
     int len;         /* positions filled so far */
     float *k;        /* (n_layers, n_ctx, KVH, D) keys after RoPE */
     float *v;        /* (n_layers, n_ctx, KVH, D) */

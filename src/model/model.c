@@ -78,7 +78,7 @@ static cp_status bind(cp_model *m, const char *name, int64_t rows, int64_t cols,
         return CP_OK;
     }
     /* NOTE: F16/BF16 weights are widened to float32 here, so they take
-     * twice their file size in memory; compute in the stored dtype is not
+     * twice their file size in memory. Compute in the stored dtype is not
      * done yet. */
     size_t n = cp_st_tensor_numel(t);
     float *buf = malloc(n * sizeof *buf);
@@ -150,7 +150,7 @@ static cp_status bind_layer(cp_model *m, const layout *lay, int l, cp_error *err
         return st;
 
     /* Projections: (out, in) as nn.Linear stores them, (in, out) for Conv1D;
-     * biases where the config says the projection has one. */
+     * biases where the config gives the projection one. */
     for (int p = 0; p < CP_PROJ_COUNT; p++) {
         if (!cp_proj_exists(c, (cp_proj)p))
             continue;

@@ -48,7 +48,7 @@ struct cp_model {
 /* The frozen weight (out, in) of projection proj (a cp_proj) in layer l. */
 const float *cp_model_proj_weight(const cp_model *m, int l, int proj);
 
-/* Normalizes N rows of inp (RMSNorm or LayerNorm, as cfg.norm says); mean
+/* Normalizes N rows of inp (RMSNorm or LayerNorm, by cfg.norm); mean
  * and rstd (N) may be NULL, bias is NULL for RMSNorm. */
 void cp_model_norm(const cp_model *m, float *out, float *mean, float *rstd, const float *inp,
                    const float *weight, const float *bias, int N);
@@ -146,6 +146,9 @@ void cp_backward_buffers_free(cp_backward_buffers *bb);
  * weights get no gradient. Overwrites fb->logits. Returns the mean loss. */
 double cp_model_backward(const cp_model *m, cp_forward_buffers *fb, cp_backward_buffers *bb,
                          const int32_t *targets, float loss_scale);
+
+/* dst (n) += src (n), the residual additions of the forward passes. */
+void cp_add_inplace(float *dst, const float *src, size_t n);
 
 /* Returns 0 if every id is in [0, V), else the index of the first bad one + 1. */
 size_t cp_model_find_bad_id(const cp_model *m, const int32_t *ids, size_t n);

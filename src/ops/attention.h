@@ -1,8 +1,8 @@
 /*
  * Causal grouped-query attention: H query heads share KVH key/value heads,
  * query head h reading key/value head h / (H / KVH). Scores are scaled by
- * 1/sqrt(D). With a sliding window W > 0 (Mistral), query i sees keys j with
- * i - W < j <= i; with W = 0 it sees every j <= i.
+ * 1/sqrt(D). With a sliding window W > 0 (Mistral), query i attends to keys j with
+ * i - W < j <= i; with W = 0 it attends to every j <= i.
  */
 #ifndef CP_OPS_ATTENTION_H
 #define CP_OPS_ATTENTION_H
@@ -25,7 +25,7 @@ void cp_attention_decode(float *out, float *scores, const float *q, const float 
 
 /* Backward of cp_attention_forward from its saved probabilities att.
  * dout is (B, T, H, D); accumulates (+=) into dq (B, T, H, D) and dk, dv
- * (B, T, KVH, D). scratch holds (B, H, T, T) floats. */
+ * (B, T, KVH, D). scratch has room for (B, H, T, T) floats. */
 void cp_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
                            const float *att, const float *q, const float *k, const float *v,
                            int B, int T, int H, int KVH, int D, int window);

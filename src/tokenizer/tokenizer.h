@@ -4,7 +4,7 @@
  * cp_tokenizer_load takes a SentencePiece `tokenizer.model`, a byte-level BPE
  * `tokenizer.json`, or a folder holding one of them or `vocab.json` +
  * `merges.txt`. GGUF vocabularies are not loaded yet and are rejected with a
- * message that says so.
+ * message that states it.
  */
 #ifndef CP_TOKENIZER_H
 #define CP_TOKENIZER_H

@@ -1,7 +1,7 @@
 /*
  * A run folder written all at once: files go into a temporary sibling folder
  * that replaces the final one only on success. An existing folder is only
- * replaced when it holds nothing but files a run writes, so a mistyped --out
+ * replaced when it contains nothing but files a run writes, so a mistyped --out
  * never deletes unrelated data.
  */
 #ifndef CP_RUN_FOLDER_H

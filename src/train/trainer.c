@@ -46,7 +46,7 @@ static double now_seconds(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Everything a run holds, released together by trainer_free. */
+/* Everything a run owns, released together by trainer_free. */
 typedef struct trainer {
     cp_model *model;
     cp_tokenizer *tok;
