@@ -30,7 +30,7 @@ LIB := libcpeft.a
 endif
 
 LIB_SRC := $(wildcard src/core/*.c src/io/*.c src/tokenizer/*.c src/ops/*.c \
-                      src/model/*.c src/peft/*.c src/train/*.c)
+                      src/model/*.c src/peft/*.c src/train/*.c src/tasks/*.c)
 CLI_SRC := $(wildcard src/cli/*.c)
 TEST_SRC := $(wildcard tests/*.c)
 

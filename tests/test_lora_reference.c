@@ -201,10 +201,11 @@ TEST(lora_eval_matches_pytorch)
 
 /* One batch's loss and every LoRA gradient on a small random model of each
  * architecture, against tools/ref_lora_arch.py (PEFT semantics in PyTorch). */
-static void check_arch_step(const char *name)
+static void check_arch_step(const char *name, int from_gguf)
 {
     char model_dir[128], adapter_dir[128], path[200];
-    snprintf(model_dir, sizeof model_dir, "tests/fixtures/%s", name);
+    snprintf(model_dir, sizeof model_dir, from_gguf ? "tests/fixtures/gguf/%s.gguf" : "tests/fixtures/%s",
+             name);
     snprintf(adapter_dir, sizeof adapter_dir, "tests/fixtures/lora_arch/%s", name);
     snprintf(path, sizeof path, "%s/expected.json", adapter_dir);
     cJSON *expected = test_read_json(path);
@@ -280,6 +281,15 @@ static void check_arch_step(const char *name)
     cJSON_Delete(expected);
 }
 
-TEST(lora_arch_gpt2_matches_pytorch) { check_arch_step("tiny-gpt2"); }
-TEST(lora_arch_qwen2_matches_pytorch) { check_arch_step("tiny-qwen2"); }
-TEST(lora_arch_llama_bias_matches_pytorch) { check_arch_step("tiny-llama-bias"); }
+TEST(lora_arch_gpt2_matches_pytorch) { check_arch_step("tiny-gpt2", 0); }
+TEST(lora_arch_qwen2_matches_pytorch) { check_arch_step("tiny-qwen2", 0); }
+TEST(lora_arch_llama_bias_matches_pytorch) { check_arch_step("tiny-llama-bias", 0); }
+
+/* The same steps on the GGUF copies of those models (tools/make_gguf.py):
+ * an adapter trained on a GGUF model gets PEFT's gradients. */
+TEST(lora_arch_from_gguf_matches_pytorch)
+{
+    check_arch_step("tiny-gpt2", 1);
+    check_arch_step("tiny-qwen2", 1);
+    check_arch_step("tiny-llama-bias", 1);
+}

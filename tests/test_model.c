@@ -64,30 +64,25 @@ static const char *narrowed_copy(const char *src_dir, cp_dtype dtype)
     return dir;
 }
 
-/* Checks the forward pass and the KV-cache decoder against the fixture's
- * logits: from the float32 checkpoint, or from a BF16 copy against the
- * logits PyTorch computed with the rounded weights. */
-static void check_fixture_logits(const char *name, int bf16)
+/* Checks the forward pass and the KV-cache decoder of the model at
+ * model_path against the logits under key in the JSON file expected_path. */
+static void check_logits(const char *name, const char *model_path, const char *expected_path,
+                         const char *key)
 {
-    char fixture[256], path[300];
-    snprintf(fixture, sizeof fixture, "tests/fixtures/%s", name);
-    snprintf(path, sizeof path, "%s/expected.json", fixture);
-    cJSON *expected = test_read_json(path);
+    cJSON *expected = test_read_json(expected_path);
     if (!expected)
         return;
-    const char *dir = bf16 ? narrowed_copy(fixture, CP_DTYPE_BF16) : fixture;
     cp_model *m = NULL;
     cp_error err = {0};
-    CHECK_MSG(cp_model_load(dir, &m, &err) == CP_OK, "%s", err.msg);
+    CHECK_MSG(cp_model_load(model_path, &m, &err) == CP_OK, "%s", err.msg);
     if (!m) {
         cJSON_Delete(expected);
         return;
     }
     size_t T;
     int32_t *ids = json_ids(cJSON_GetObjectItem(expected, "input_ids"), &T);
-    const cJSON *logits = cJSON_GetObjectItem(expected, bf16 ? "logits_bf16_weights" : "logits");
-    CHECK_MSG(cJSON_GetArraySize(logits) == (int)T, "%s: expected.json has no %s", name,
-              bf16 ? "logits_bf16_weights" : "logits");
+    const cJSON *logits = cJSON_GetObjectItem(expected, key);
+    CHECK_MSG(cJSON_GetArraySize(logits) == (int)T, "%s has no %s", expected_path, key);
     int V = m->cfg.vocab_size;
 
     cp_forward_buffers fb;
@@ -97,15 +92,15 @@ static void check_fixture_logits(const char *name, int bf16)
     CHECK(cp_kv_cache_init(&kv, &m->cfg, (int)T, &err) == CP_OK);
 
     int bad = 0, bad_cached = 0;
-    for (size_t t = 0; t < T; t++) {
+    for (size_t t = 0; t < T && cJSON_GetArraySize(logits) == (int)T; t++) {
         cp_kv_cache_step(m, &kv, ids[t]);
         const cJSON *row = cJSON_GetArrayItem(logits, (int)t);
         for (int v = 0; v < V; v++) {
             double want = cJSON_GetArrayItem(row, v)->valuedouble;
             double tol = 1e-4 * (fabs(want) > 1 ? fabs(want) : 1);
             if (fabs(fb.logits[t * V + v] - want) > tol && bad++ < 3)
-                cp_test_fail(__FILE__, __LINE__, "%s%s: logits[%zu][%d] = %.7g, expected %.7g",
-                             name, bf16 ? " (BF16)" : "", t, v, fb.logits[t * V + v], want);
+                cp_test_fail(__FILE__, __LINE__, "%s: logits[%zu][%d] = %.7g, expected %.7g",
+                             name, t, v, fb.logits[t * V + v], want);
             if (fabs(kv.logits[v] - want) > tol && bad_cached++ < 3)
                 cp_test_fail(__FILE__, __LINE__, "%s: cached logits[%zu][%d] = %.7g, expected %.7g",
                              name, t, v, kv.logits[v], want);
@@ -116,6 +111,18 @@ static void check_fixture_logits(const char *name, int bf16)
     free(ids);
     cp_model_free(m);
     cJSON_Delete(expected);
+}
+
+/* A fixture's float32 checkpoint, or a BF16 copy of it against the logits
+ * PyTorch computed with the rounded weights. */
+static void check_fixture_logits(const char *name, int bf16)
+{
+    char fixture[256], path[300], label[300];
+    snprintf(fixture, sizeof fixture, "tests/fixtures/%s", name);
+    snprintf(path, sizeof path, "%s/expected.json", fixture);
+    snprintf(label, sizeof label, "%s%s", name, bf16 ? " (BF16)" : "");
+    const char *dir = bf16 ? narrowed_copy(fixture, CP_DTYPE_BF16) : fixture;
+    check_logits(label, dir, path, bf16 ? "logits_bf16_weights" : "logits");
 }
 
 TEST(forward_mistral_sliding_window) { check_fixture_logits("tiny-mistral", 0); }
@@ -131,6 +138,35 @@ TEST(forward_from_bf16_checkpoints)
                            "tiny-gpt2"};
     for (size_t i = 0; i < sizeof names / sizeof *names; i++)
         check_fixture_logits(names[i], 1);
+}
+
+/* The same checkpoints converted to GGUF as llama.cpp does it (renamed
+ * tensors, llama's q/k rows permuted, GPT-2's Conv1D transposed, llama3
+ * scaling as rope_freqs) by tools/make_gguf.py: the same logits. */
+TEST(gguf_models_match_pytorch_logits)
+{
+    const char *names[] = {"tiny-llama3", "tiny-linear", "tiny-qwen2", "tiny-llama-bias",
+                           "tiny-gpt2"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        char model[256], expected[256], label[256];
+        snprintf(model, sizeof model, "tests/fixtures/gguf/%s.gguf", names[i]);
+        snprintf(expected, sizeof expected, "tests/fixtures/%s/expected.json", names[i]);
+        snprintf(label, sizeof label, "%s (GGUF)", names[i]);
+        check_logits(label, model, expected, "logits");
+    }
+}
+
+/* F16, Q8_0 and Q4_0 files against PyTorch's logits from the values each
+ * file stores, dequantized in Python. */
+TEST(gguf_quantized_models_match_pytorch_logits)
+{
+    const char *kinds[] = {"f16", "q8_0", "q4_0"};
+    for (size_t i = 0; i < sizeof kinds / sizeof *kinds; i++) {
+        char model[256], key[64];
+        snprintf(model, sizeof model, "tests/fixtures/gguf/tiny-llama-q.%s.gguf", kinds[i]);
+        snprintf(key, sizeof key, "logits_%s", kinds[i]);
+        check_logits(model, model, "tests/fixtures/gguf/tiny-llama-q.json", key);
+    }
 }
 
 TEST(generate_matches_llama2c_golden)
@@ -241,4 +277,98 @@ TEST(half_precision_checkpoints_load)
         cp_model_free(m);
     }
     cp_model_free(ref);
+}
+
+/* Replaces the first occurrence of from (n bytes) with to in a copy of the
+ * fixture file and returns the copy's path, or NULL if from is absent. */
+static char *patched_gguf(const char *fixture, const void *from, const void *to, size_t n)
+{
+    char *data = NULL;
+    size_t len = 0;
+    cp_error err = {0};
+    CHECK_MSG(cp_file_read(fixture, &data, &len, &err) == CP_OK, "%s", err.msg);
+    char *at = data ? memmem(data, len, from, n) : NULL;
+    CHECK_MSG(at != NULL, "%s lacks the bytes to patch", fixture);
+    char *path = NULL;
+    if (at) {
+        memcpy(at, to, n);
+        path = test_write_file(test_tmpdir(), "patched.gguf", data, len);
+    }
+    free(data);
+    return path;
+}
+
+/* Sets the uint32 value of metadata key in a copy of fixture. */
+static char *patched_gguf_u32(const char *fixture, const char *key, uint32_t value)
+{
+    char *data = NULL;
+    size_t len = 0;
+    cp_error err = {0};
+    CHECK(cp_file_read(fixture, &data, &len, &err) == CP_OK);
+    char *at = data ? memmem(data, len, key, strlen(key)) : NULL;
+    CHECK_MSG(at != NULL, "%s lacks %s", fixture, key);
+    char *path = NULL;
+    if (at) {
+        memcpy(at + strlen(key) + 4, &value, 4); /* after the key comes its type, then the value */
+        path = test_write_file(test_tmpdir(), "patched.gguf", data, len);
+    }
+    free(data);
+    return path;
+}
+
+static void check_load_fails(const char *path, const char *what, const char *want)
+{
+    cp_model *m = NULL;
+    cp_error err = {0};
+    cp_status st = path ? cp_model_load(path, &m, &err) : CP_ERR_INPUT;
+    CHECK_MSG(st == CP_ERR_INPUT, "%s: loaded", what);
+    CHECK_MSG(!path || strstr(err.msg, want), "%s: message \"%s\" lacks \"%s\"", what, err.msg, want);
+    CHECK_MSG(!strchr(err.msg, '\n'), "%s: message spans lines", what);
+    cp_model_free(m);
+}
+
+TEST(gguf_model_rejections)
+{
+    const char *qwen = "tests/fixtures/gguf/tiny-qwen2.gguf";
+    char *p;
+    p = patched_gguf(qwen, "\x05\0\0\0\0\0\0\0qwen2", "\x05\0\0\0\0\0\0\0qwen3", 13);
+    check_load_fails(p, "unknown architecture", "general.architecture is \"qwen3\"; supported:");
+    free(p);
+    p = patched_gguf(qwen, "blk.1.attn_k.weight", "blk.1.attn_k.weighX", 19);
+    check_load_fails(p, "missing tensor", "missing tensor \"blk.1.attn_k.weight\"");
+    free(p);
+    p = patched_gguf(qwen, "qwen2.block_count", "qwen2.block_counX", 17);
+    check_load_fails(p, "missing key", "qwen2.block_count");
+    free(p);
+    p = patched_gguf_u32(qwen, "qwen2.feed_forward_length", 32);
+    check_load_fails(p, "wrong width", "\"blk.0.ffn_gate.weight\" has dims [16, 24] but the "
+                                        "metadata implies [16, 32]");
+    free(p);
+    p = patched_gguf_u32(qwen, "qwen2.attention.head_count_kv", 3);
+    check_load_fails(p, "bad head ratio", "must be a multiple of qwen2.attention.head_count_kv (3)");
+    free(p);
+    p = patched_gguf_u32(qwen, "qwen2.rope.dimension_count", 2);
+    check_load_fails(p, "partial rotary", "partial rotary embeddings are not supported");
+    free(p);
+    p = patched_gguf(qwen, "token_embd.weight", "token_embd.weighX", 17);
+    check_load_fails(p, "no embeddings", "no 2-D tensor \"token_embd.weight\"");
+    free(p);
+    p = patched_gguf("tests/fixtures/gguf/tiny-linear.gguf", "linear", "yarn__", 6);
+    check_load_fails(p, "rope scaling", "llama.rope.scaling.type is \"yarn__\"");
+    free(p);
+
+    /* A truncated file: the reader's own message, with the byte offset. */
+    char *data = NULL;
+    size_t len = 0;
+    cp_error err = {0};
+    CHECK(cp_file_read(qwen, &data, &len, &err) == CP_OK);
+    p = test_write_file(test_tmpdir(), "short.gguf", data, len / 2);
+    check_load_fails(p, "truncated", "short.gguf");
+    free(p);
+    free(data);
+
+    /* Neither a folder nor GGUF. */
+    p = test_write_file(test_tmpdir(), "model.bin", "not a model", 11);
+    check_load_fails(p, "plain file", "not a model folder or GGUF file");
+    free(p);
 }

@@ -98,6 +98,27 @@ int cp_file_is_dir(const char *path)
     return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
 }
 
+int cp_file_is_gguf(const char *path)
+{
+    char magic[4];
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return 0;
+    struct stat st;
+    int ok = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && read(fd, magic, 4) == 4 &&
+             memcmp(magic, "GGUF", 4) == 0;
+    close(fd);
+    return ok;
+}
+
+void cp_file_release_pages(const void *data, size_t nbytes)
+{
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t begin = (uintptr_t)data & ~(page - 1);
+    uintptr_t end = ((uintptr_t)data + nbytes + page - 1) & ~(page - 1);
+    madvise((void *)begin, end - begin, MADV_DONTNEED);
+}
+
 char *cp_path_join(const char *dir, const char *name)
 {
     size_t a = strlen(dir), b = strlen(name);

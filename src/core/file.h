@@ -34,6 +34,14 @@ int cp_file_exists(const char *path);
 /* Returns 1 if path is a directory. */
 int cp_file_is_dir(const char *path);
 
+/* Returns 1 if path is a regular file that starts with the GGUF magic. */
+int cp_file_is_gguf(const char *path);
+
+/* Drops the resident pages of a read-only, file-backed map over data
+ * (nbytes), once a copy of that data is kept, so that the file's pages and
+ * the copy are not both resident. A later read faults the pages in again. */
+void cp_file_release_pages(const void *data, size_t nbytes);
+
 /* Joins dir and name with one '/' into a malloc'd string, or NULL. */
 char *cp_path_join(const char *dir, const char *name);
 

@@ -61,7 +61,7 @@ static void project_backward(const cp_model *m, int l, cp_proj p, float *dx, con
 {
     int in, out;
     cp_proj_shape(&m->cfg, p, &in, &out);
-    if (m->cfg.conv1d)
+    if (m->weights_in_out)
         cp_matmul_kn_backward(dx, NULL, NULL, dout, x, cp_model_proj_weight(m, l, p), N, in, out);
     else
         cp_matmul_backward(dx, NULL, NULL, dout, x, cp_model_proj_weight(m, l, p), N, in, out);

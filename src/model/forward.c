@@ -114,7 +114,7 @@ void cp_model_project(const cp_model *m, int l, int proj, float *out, const floa
     int in, outd;
     cp_proj_shape(&m->cfg, (cp_proj)proj, &in, &outd);
     const float *w = cp_model_proj_weight(m, l, proj), *b = m->layers[l].bias[proj];
-    if (m->cfg.conv1d)
+    if (m->weights_in_out)
         cp_matmul_kn_forward(out, x, w, b, N, in, outd);
     else
         cp_matmul_forward(out, x, w, b, N, in, outd);

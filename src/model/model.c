@@ -2,23 +2,22 @@
  * Loading a Hugging Face GPT-2, Llama, Mistral or Qwen2 folder: config.json plus its
  * safetensors weights (one file or shards). Every tensor the config implies
  * must be present with the exact shape; tensors the decoder does not use
- * (a stored rotary inv_freq, say) are ignored.
+ * (a stored rotary inv_freq, say) are ignored. A path to a regular file
+ * that starts with the GGUF magic goes to model_gguf.c instead.
  */
 #include "model/model.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 #include "core/file.h"
+#include "io/gguf.h"
 #include "ops/rope.h"
 #include "peft/lora.h"
 #include "peft/lora_io.h"
 
-/* Keeps a widened copy alive for the model's lifetime. */
-static cp_status keep_owned(cp_model *m, float *buf, cp_error *err)
+cp_status cp_model_keep_owned(cp_model *m, float *buf, cp_error *err)
 {
     float **grown = realloc(m->owned, (size_t)(m->n_owned + 1) * sizeof *grown);
     if (!grown) {
@@ -28,17 +27,6 @@ static cp_status keep_owned(cp_model *m, float *buf, cp_error *err)
     m->owned = grown;
     m->owned[m->n_owned++] = buf;
     return CP_OK;
-}
-
-/* Drops the memory-mapped pages of a tensor that was copied, so that the
- * file's pages and the float32 copy are not both resident. The map is
- * read-only and file-backed: a later read faults the pages in again. */
-static void release_mapped_pages(const void *data, size_t nbytes)
-{
-    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t begin = (uintptr_t)data & ~(page - 1);
-    uintptr_t end = ((uintptr_t)data + nbytes + page - 1) & ~(page - 1);
-    madvise((void *)begin, end - begin, MADV_DONTNEED);
 }
 
 static void format_shape(char *buf, size_t size, const int64_t *shape, int ndim)
@@ -95,9 +83,9 @@ static cp_status bind(cp_model *m, const char *name, int64_t rows, int64_t cols,
             cp_dtype_to_f32(t->dtype, &raw, buf + i, 1);
         }
     }
-    release_mapped_pages(t->data, t->nbytes);
+    cp_file_release_pages(t->data, t->nbytes);
     *out = buf;
-    return keep_owned(m, buf, err);
+    return cp_model_keep_owned(m, buf, err);
 }
 
 /* Tensor names of one architecture: the prefix of every name, of a layer,
@@ -157,7 +145,8 @@ static cp_status bind_layer(cp_model *m, const layout *lay, int l, cp_error *err
         int in, out;
         cp_proj_shape(c, (cp_proj)p, &in, &out);
         snprintf(name, sizeof name, "%s%s.weight", base, cp_proj_path(c, (cp_proj)p));
-        if ((st = bind(m, name, c->conv1d ? in : out, c->conv1d ? out : in, &w->w[p], err)))
+        if ((st = bind(m, name, m->weights_in_out ? in : out, m->weights_in_out ? out : in,
+                       &w->w[p], err)))
             return st;
         int has_bias = p == CP_PROJ_O ? c->o_bias
                        : (p == CP_PROJ_GATE || p == CP_PROJ_UP || p == CP_PROJ_DOWN) ? c->mlp_bias
@@ -194,13 +183,20 @@ static cp_status bind_all(cp_model *m, cp_error *err)
         return st;
     }
 
-    m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
-    if (!m->layers)
-        return cp_error_nomem(err, "layer table", (size_t)c->n_layers * sizeof *m->layers);
+    if ((st = cp_model_alloc_tables(m, err)))
+        return st;
     for (int l = 0; l < c->n_layers; l++)
         if ((st = bind_layer(m, &lay, l, err)))
             return st;
+    return CP_OK;
+}
 
+cp_status cp_model_alloc_tables(cp_model *m, cp_error *err)
+{
+    const cp_model_config *c = &m->cfg;
+    m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
+    if (!m->layers)
+        return cp_error_nomem(err, "layer table", (size_t)c->n_layers * sizeof *m->layers);
     m->inv_freq = malloc((size_t)(c->head_dim / 2 + 1) * sizeof *m->inv_freq);
     if (!m->inv_freq)
         return cp_error_nomem(err, "RoPE table", (size_t)c->head_dim * sizeof(float));
@@ -211,10 +207,12 @@ static cp_status bind_all(cp_model *m, cp_error *err)
 cp_status cp_model_load(const char *dir, cp_model **out, cp_error *err)
 {
     *out = NULL;
+    if (cp_file_is_gguf(dir))
+        return cp_model_load_gguf(dir, out, err);
     if (!cp_file_is_dir(dir))
         return cp_error_set(err, CP_ERR_INPUT,
-                            "%s: not a model folder; expected a Hugging Face folder with "
-                            "config.json and model.safetensors",
+                            "%s: not a model folder or GGUF file; expected a Hugging Face folder "
+                            "with config.json and model.safetensors, or a .gguf file",
                             dir);
 
     cp_model *m = calloc(1, sizeof *m);
@@ -229,6 +227,7 @@ cp_status cp_model_load(const char *dir, cp_model **out, cp_error *err)
 
     cp_status st = cp_config_load(config_path, &m->cfg, err);
     free(config_path);
+    m->weights_in_out = m->cfg.conv1d;
     if (st == CP_OK)
         st = cp_safetensors_open(dir, &m->weights, err);
     if (st == CP_OK)
@@ -256,6 +255,7 @@ void cp_model_free(cp_model *m)
         free(m->lora);
     }
     cp_safetensors_close(m->weights);
+    cp_gguf_close(m->gguf);
     free(m);
 }
 

@@ -31,7 +31,9 @@ typedef struct cp_layer_weights {
 struct cp_model {
     cp_model_config cfg;
     char *dir;                /* the folder it was loaded from */
-    cp_safetensors *weights;  /* the mapped checkpoint */
+    cp_safetensors *weights;  /* the mapped checkpoint, or NULL for GGUF */
+    struct cp_gguf *gguf;     /* the mapped GGUF file, or NULL */
+    int weights_in_out;       /* projections stored (in, out): GPT-2's Conv1D in safetensors */
     const float *embed;       /* (V, C) */
     const float *pos_embed;   /* (max positions, C) learned positions, or NULL (RoPE) */
     cp_layer_weights *layers; /* (n_layers) */
@@ -44,6 +46,16 @@ struct cp_model {
     struct cp_lora *lora;     /* an attached adapter, or NULL */
     int owns_lora;            /* 1 when cp_model_load_adapter allocated it */
 };
+
+/* Loads a GGUF file (llama, qwen2 or gpt2 architecture): see model_gguf.c. */
+cp_status cp_model_load_gguf(const char *path, cp_model **out, cp_error *err);
+
+/* Keeps buf, a widened or reordered weight copy, until the model is freed;
+ * on failure frees buf. */
+cp_status cp_model_keep_owned(cp_model *m, float *buf, cp_error *err);
+
+/* Allocates the layer table and fills the RoPE frequencies from m->cfg. */
+cp_status cp_model_alloc_tables(cp_model *m, cp_error *err);
 
 /* The frozen weight (out, in) of projection proj (a cp_proj) in layer l. */
 const float *cp_model_proj_weight(const cp_model *m, int l, int proj);
