@@ -57,7 +57,7 @@ static void check_lora_gradients(const char *model_dir)
 
     int B = 2, T = 6, N = B * T;
     CHECK(cp_lora_reserve(&lora, N, &err) == CP_OK);
-    m->lora = &lora;
+    CHECK(cp_model_attach_lora(m, &lora, &err) == CP_OK);
     cp_forward_buffers fb;
     cp_backward_buffers bb;
     CHECK(cp_forward_buffers_init(&fb, &m->cfg, B, T, 1, &err) == CP_OK);
@@ -88,7 +88,7 @@ static void check_lora_gradients(const char *model_dir)
     CHECK_MSG(worst < 2e-3 * max_grad + 1e-5, "%s: worst |analytic - numeric| %g, max |grad| %g",
               model_dir, worst, max_grad);
 
-    m->lora = NULL;
+    cp_model_detach_method(m);
     cp_backward_buffers_free(&bb);
     cp_forward_buffers_free(&fb);
     cp_lora_free(&lora);
@@ -311,7 +311,8 @@ TEST(adapter_load_rejects_mismatches)
     check_adapter_error("{\"peft_type\": \"LORA\", \"lora_alpha\": 16, "
                         "\"target_modules\": [\"q_proj\", \"v_proj\"]}",
                         0, "missing or invalid \"r\"");
-    check_adapter_error("{\"peft_type\": \"PREFIX_TUNING\"}", 0, "peft_type must be \"LORA\"");
+    check_adapter_error("{\"peft_type\": \"LOHA\"}", 0,
+                        "peft_type \"LOHA\" is not a method cpeft can load");
     check_adapter_error("{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 16, "
                         "\"target_modules\": [\"q_proj\", \"c_attn\"]}",
                         0, "unknown target module \"c_attn\"");

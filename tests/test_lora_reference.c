@@ -39,7 +39,7 @@ static int fixture_init(fixture *f)
         return 0;
     CHECK_MSG(cp_lora_load(&f->lora, FIXTURE, &f->model->cfg, &err) == CP_OK, "%s", err.msg);
     CHECK(cp_lora_reserve(&f->lora, 64, &err) == CP_OK);
-    f->model->lora = &f->lora;
+    CHECK(cp_model_attach_lora(f->model, &f->lora, &err) == CP_OK);
 
     /* batch.json input_ids is (2, 33): inputs are the first 32, targets the last 32. */
     const cJSON *rows = cJSON_GetObjectItem(batch, "input_ids");
@@ -187,7 +187,7 @@ TEST(lora_eval_matches_pytorch)
 
     cp_eval_result with = {0}, without = {0};
     CHECK(cp_model_evaluate(f.model, ids, n_ids, 128, &with, &err) == CP_OK);
-    f.model->lora = NULL;
+    cp_model_detach_method(f.model);
     CHECK(cp_model_evaluate(f.model, ids, n_ids, 128, &without, &err) == CP_OK);
     CHECK_CLOSE(with.loss, expected_number(ev, "adapter_loss", NULL), 1e-4);
     CHECK_CLOSE(without.loss, expected_number(ev, "base_loss", NULL), 1e-4);
@@ -221,7 +221,7 @@ static void check_arch_step(const char *name, int from_gguf)
     }
     CHECK_MSG(cp_lora_load(&lora, adapter_dir, &m->cfg, &err) == CP_OK, "%s: %s", name, err.msg);
     CHECK(cp_lora_reserve(&lora, 16, &err) == CP_OK);
-    m->lora = &lora;
+    CHECK(cp_model_attach_lora(m, &lora, &err) == CP_OK);
 
     int32_t inputs[16], targets[16];
     const cJSON *rows = cJSON_GetObjectItem(expected, "input_ids");
@@ -273,7 +273,7 @@ static void check_arch_step(const char *name, int from_gguf)
     }
     CHECK_EQ_INT(compared, grads ? cp_safetensors_count(grads) : 1);
     cp_safetensors_close(grads);
-    m->lora = NULL;
+    cp_model_detach_method(m);
     cp_backward_buffers_free(&bb);
     cp_forward_buffers_free(&fb);
     cp_lora_free(&lora);

@@ -8,6 +8,7 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "peft/method.h"
 #include "train/trainer.h"
 
 static volatile sig_atomic_t stop_requested;
@@ -85,6 +86,20 @@ static int run(const cp_train_params *p, int quiet)
     return 0;
 }
 
+/* The help text: what train writes, then one line per registered method. */
+static void describe_methods(char *buf, size_t size)
+{
+    int n = snprintf(buf, size,
+                     "Fine-tunes the model on the text in FILE with the chosen method. Writes the\n"
+                     "adapter into DIR (adapter_config.json and adapter_model.safetensors in PEFT's\n"
+                     "layout), and DIR/metrics.jsonl with one JSON object per step (step, loss, lr,\n"
+                     "grad_norm, tokens_per_s) and per evaluation (step, eval_loss). DIR appears\n"
+                     "only when training succeeds.\n\nMethods (--method):");
+    for (int i = 0; i < cp_method_count() && n > 0 && (size_t)n < size; i++)
+        n += snprintf(buf + n, size - (size_t)n, "\n  %-8s %s", cp_method_at(i)->name,
+                      cp_method_at(i)->summary);
+}
+
 int cmd_train(int argc, char **argv)
 {
     cp_train_params p = cp_train_default_params();
@@ -97,11 +112,11 @@ int cmd_train(int argc, char **argv)
         {"data", CLI_STRING, &p.data_path, "FILE", "training text: .txt, or .jsonl with a \"text\" field (required)"},
         {"eval-data", CLI_STRING, &p.eval_path, "FILE", "held-out text (default: the last --eval-split of --data)"},
         {"out", CLI_STRING, &p.out_dir, "DIR", "run folder to write (required)"},
-        {"method", CLI_STRING, &method, "NAME", "fine-tuning method: lora (low-rank adapters on the projections)"},
-        {"r", CLI_INT, &p.lora.r, "N", "LoRA rank (default 8)"},
-        {"alpha", CLI_FLOAT, &p.lora.alpha, "A", "LoRA alpha; the update is scaled by alpha/r (default 16)"},
+        {"method", CLI_STRING, &method, "NAME", "fine-tuning method, one of those listed above (default lora)"},
+        {"r", CLI_INT, &p.method.lora.r, "N", "LoRA rank (default 8)"},
+        {"alpha", CLI_FLOAT, &p.method.lora.alpha, "A", "LoRA alpha; the update is scaled by alpha/r (default 16)"},
         {"rslora", CLI_FLAG, &rslora, NULL, "scale by alpha/sqrt(r) instead (rank-stabilized LoRA)"},
-        {"lora-dropout", CLI_FLOAT, &p.lora.dropout, "P", "dropout on the LoRA input (default 0)"},
+        {"lora-dropout", CLI_FLOAT, &p.method.lora.dropout, "P", "dropout on the LoRA input (default 0)"},
         {"target", CLI_STRING, &target, "LIST", "projections to adapt: comma-separated module names or all-linear (default q_proj,v_proj; c_attn for GPT-2)"},
         {"steps", CLI_INT, &p.steps, "N", "optimizer steps (default 100)"},
         {"batch-size", CLI_INT, &p.batch_size, "B", "windows per micro-batch (default 8)"},
@@ -118,13 +133,12 @@ int cmd_train(int argc, char **argv)
         {"seed", CLI_U64, &p.seed, "S", "seed of the data order and the LoRA initialization (default 42)"},
         {"quiet", CLI_FLAG, &quiet, NULL, "no progress line on stderr"},
     };
+    char about[2048];
+    describe_methods(about, sizeof about);
     const cli_command cmd = {
         .name = "train",
         .usage = "--model DIR --data FILE --out DIR [options]",
-        .about = "Fine-tunes the model with LoRA on the text in FILE. Writes DIR/adapter_config.json\n"
-                 "and DIR/adapter_model.safetensors in PEFT's layout, and DIR/metrics.jsonl with\n"
-                 "one JSON object per step (step, loss, lr, grad_norm, tokens_per_s) and per\n"
-                 "evaluation (step, eval_loss). DIR appears only when training succeeds.",
+        .about = about,
         .options = options,
         .n_options = sizeof options / sizeof *options,
     };
@@ -133,12 +147,17 @@ int cmd_train(int argc, char **argv)
         return rc == CLI_HELP_SHOWN ? 0 : 2;
     if (!p.model_dir || !p.data_path || !p.out_dir)
         return cli_usage_error(&cmd, "--model, --data and --out are required");
-    if (strcmp(method, "lora") != 0)
-        return cli_usage_error(&cmd, "unknown --method \"%s\"; available: lora", method);
+    if (!cp_method_find(method)) {
+        char names[256];
+        cp_method_list(names, sizeof names);
+        return cli_usage_error(&cmd, "unknown --method \"%s\"; available: %s", method, names);
+    }
 
     cp_error err = {0};
-    p.lora.use_rslora = rslora;
-    p.lora.seed = p.seed;
+    p.method_name = method;
+    p.method.lora.use_rslora = rslora;
+    p.method.lora.seed = p.seed;
+    p.method.seed = p.seed;
     p.lr = lr;
     p.weight_decay = weight_decay;
     p.warmup_ratio = warmup_ratio;

@@ -14,7 +14,7 @@
 #include "ops/matmul.h"
 #include "ops/norm.h"
 #include "ops/rope.h"
-#include "peft/lora.h"
+#include "peft/method.h"
 
 cp_status cp_backward_buffers_init(cp_backward_buffers *bb, const cp_model_config *cfg, int B,
                                    int T, cp_error *err)
@@ -24,6 +24,9 @@ cp_status cp_backward_buffers_init(cp_backward_buffers *bb, const cp_model_confi
     size_t qd = (size_t)cfg->n_heads * cfg->head_dim;
     size_t kvd = (size_t)cfg->n_kv_heads * cfg->head_dim;
     size_t wide = F > qd ? F : qd;
+    size_t widest = wide > C ? wide : C; /* the widest projection input or output */
+    if (qd + 2 * kvd > widest)
+        widest = qd + 2 * kvd;
     struct {
         float **field;
         size_t count;
@@ -33,6 +36,7 @@ cp_status cp_backward_buffers_init(cp_backward_buffers *bb, const cp_model_confi
         {&bb->dk, BT * kvd},   {&bb->dv, BT * kvd},
         {&bb->dqkv, BT * (qd + 2 * kvd)},
         {&bb->scratch, (size_t)B * cfg->n_heads * T * T},
+        {&bb->dproj_out, BT * widest}, {&bb->dproj_in, BT * widest},
     };
     size_t n_fields = sizeof table / sizeof *table, total = 0;
     for (size_t i = 0; i < n_fields; i++)
@@ -54,19 +58,40 @@ void cp_backward_buffers_free(cp_backward_buffers *bb)
     memset(bb, 0, sizeof *bb);
 }
 
-/* Backward of cp_model_project: dx (N, in) += dout Wᵀ-path, plus the adapter's
- * own gradients. The frozen W gets none (dweight NULL). */
-static void project_backward(const cp_model *m, int l, cp_proj p, float *dx, const float *dout,
-                             const float *x, int N)
+/* Backward of cp_model_project: dx (N, in) += the gradient of x, and the
+ * attached method's own gradients. The frozen W gets none (dweight NULL).
+ * dout is not changed: a method that rewrites the output gradient gets a copy. */
+static void project_backward(const cp_model *m, cp_backward_buffers *bb, int l, cp_proj p,
+                             float *dx, const float *dout, const float *x, int N)
 {
     int in, out;
     cp_proj_shape(&m->cfg, p, &in, &out);
+    cp_method *method = m->method;
+    const float *dbase = dout;
+    if (method && method->ops->project_backward) {
+        float *dhook = (float *)dout;
+        if (method->ops->rewrites_output_grad) {
+            memcpy(bb->dproj_out, dout, (size_t)N * out * sizeof(float));
+            dhook = bb->dproj_out;
+        }
+        method->ops->project_backward(method, l, p, dx, dhook, x, N);
+        dbase = dhook;
+    }
+
+    /* With an input hook, the product's input gradient goes to the method. */
+    int input_hook = method && method->ops->project_input_backward;
+    float *dprod = dx;
+    if (input_hook) {
+        dprod = bb->dproj_in;
+        memset(dprod, 0, (size_t)N * in * sizeof(float));
+    }
+    const float *w = cp_model_proj_weight(m, l, p);
     if (m->weights_in_out)
-        cp_matmul_kn_backward(dx, NULL, NULL, dout, x, cp_model_proj_weight(m, l, p), N, in, out);
+        cp_matmul_kn_backward(dprod, NULL, NULL, dbase, x, w, N, in, out);
     else
-        cp_matmul_backward(dx, NULL, NULL, dout, x, cp_model_proj_weight(m, l, p), N, in, out);
-    if (m->lora)
-        cp_lora_backward(m->lora, l, p, dx, dout, x, N);
+        cp_matmul_backward(dprod, NULL, NULL, dbase, x, w, N, in, out);
+    if (input_hook)
+        method->ops->project_input_backward(method, l, p, dx, dprod, x, N);
 }
 
 /* Backward of cp_model_norm: accumulates into dinp; the norm's own weights
@@ -91,7 +116,7 @@ static void mlp_backward(const cp_model *m, cp_backward_buffers *bb, const cp_la
     float *dhidden = bb->dbig1, *dgate = bb->dbig2, *dup = bb->dbig3;
 
     memset(dhidden, 0, NF * sizeof(float));
-    project_backward(m, l, CP_PROJ_DOWN, dhidden, bb->dres, a->swiglu, N);
+    project_backward(m, bb, l, CP_PROJ_DOWN, dhidden, bb->dres, a->swiglu, N);
     memset(dup, 0, NF * sizeof(float));
     memset(bb->dnorm, 0, (size_t)N * m->cfg.hidden_size * sizeof(float));
     if (m->cfg.mlp == CP_MLP_GELU_TANH) {
@@ -99,9 +124,9 @@ static void mlp_backward(const cp_model *m, cp_backward_buffers *bb, const cp_la
     } else {
         memset(dgate, 0, NF * sizeof(float));
         cp_swiglu_backward(dgate, dup, dhidden, a->gate, a->up, NF);
-        project_backward(m, l, CP_PROJ_GATE, bb->dnorm, dgate, a->norm2, N);
+        project_backward(m, bb, l, CP_PROJ_GATE, bb->dnorm, dgate, a->norm2, N);
     }
-    project_backward(m, l, CP_PROJ_UP, bb->dnorm, dup, a->norm2, N);
+    project_backward(m, bb, l, CP_PROJ_UP, bb->dnorm, dup, a->norm2, N);
     norm_backward(m, bb->dres, bb->dnorm, a->mid, w->mlp_norm, a->mean2, a->rstd2, N);
 }
 
@@ -118,9 +143,9 @@ static void qkv_backward(const cp_model *m, const cp_forward_buffers *fb, cp_bac
     }
     memset(bb->dnorm, 0, (size_t)N * c->hidden_size * sizeof(float));
     if (!c->fused_qkv) {
-        project_backward(m, l, CP_PROJ_Q, bb->dnorm, bb->dq, x, N);
-        project_backward(m, l, CP_PROJ_K, bb->dnorm, bb->dk, x, N);
-        project_backward(m, l, CP_PROJ_V, bb->dnorm, bb->dv, x, N);
+        project_backward(m, bb, l, CP_PROJ_Q, bb->dnorm, bb->dq, x, N);
+        project_backward(m, bb, l, CP_PROJ_K, bb->dnorm, bb->dk, x, N);
+        project_backward(m, bb, l, CP_PROJ_V, bb->dnorm, bb->dv, x, N);
         return;
     }
     /* Rows of the fused output are [q | k | v], so their gradient is assembled the same way. */
@@ -130,7 +155,7 @@ static void qkv_backward(const cp_model *m, const cp_forward_buffers *fb, cp_bac
         memcpy(bb->dqkv + n * row + qd, bb->dk + n * kvd, kvd * sizeof(float));
         memcpy(bb->dqkv + n * row + qd + kvd, bb->dv + n * kvd, kvd * sizeof(float));
     }
-    project_backward(m, l, CP_PROJ_QKV, bb->dnorm, bb->dqkv, x, N);
+    project_backward(m, bb, l, CP_PROJ_QKV, bb->dnorm, bb->dqkv, x, N);
 }
 
 /* Layer l backward: bb->dres contains d(layer output) on entry and d(layer
@@ -149,7 +174,7 @@ static void layer_backward(const cp_model *m, const cp_forward_buffers *fb,
     /* Attention block: mid = x + o(attn(q, k, v)), with q, k, v from n1 = norm1(x). */
     float *dattn = bb->dbig1;
     memset(dattn, 0, (size_t)N * H * D * sizeof(float));
-    project_backward(m, l, CP_PROJ_O, dattn, bb->dres, a.attn_out, N);
+    project_backward(m, bb, l, CP_PROJ_O, dattn, bb->dres, a.attn_out, N);
     memset(bb->dq, 0, (size_t)N * H * D * sizeof(float));
     memset(bb->dk, 0, (size_t)N * KVH * D * sizeof(float));
     memset(bb->dv, 0, (size_t)N * KVH * D * sizeof(float));

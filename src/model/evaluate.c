@@ -7,7 +7,7 @@
 
 #include "model/model.h"
 #include "ops/cross_entropy.h"
-#include "peft/lora.h"
+#include "peft/method.h"
 
 /* Windows per forward pass: enough to keep the matmuls busy, few enough that
  * the (B, H, T, T) attention probabilities stay small. */
@@ -45,16 +45,16 @@ cp_status cp_model_evaluate(cp_model *m, const int32_t *ids, size_t n_ids, int s
         B = (int)n_windows;
     cp_forward_buffers fb;
     cp_status st = cp_forward_buffers_init(&fb, c, B, seq_len, 0, err);
-    if (st == CP_OK && m->lora)
-        st = cp_lora_reserve_eval(m->lora, B * seq_len, err);
+    if (st == CP_OK && m->method)
+        st = m->method->ops->reserve(m->method, B * seq_len, 0, err);
     if (st != CP_OK) {
         cp_forward_buffers_free(&fb);
         return st;
     }
     /* Evaluation runs without dropout, also in the middle of training. */
-    int was_training = m->lora ? m->lora->training : 0;
-    if (m->lora)
-        m->lora->training = 0;
+    int was_training = m->method ? m->method->training : 0;
+    if (m->method)
+        m->method->training = 0;
     float *losses = malloc((size_t)B * seq_len * sizeof *losses);
     if (!losses) {
         cp_forward_buffers_free(&fb);
@@ -74,8 +74,8 @@ cp_status cp_model_evaluate(cp_model *m, const int32_t *ids, size_t n_ids, int s
             total += losses[i];
     }
 
-    if (m->lora)
-        m->lora->training = was_training;
+    if (m->method)
+        m->method->training = was_training;
     free(losses);
     cp_forward_buffers_free(&fb);
     out->tokens = n_windows * (size_t)seq_len;

@@ -13,7 +13,7 @@
 #include "ops/matmul.h"
 #include "ops/norm.h"
 #include "ops/rope.h"
-#include "peft/lora.h"
+#include "peft/method.h"
 
 /* Points every buffer into one allocation, in the order of the size table. */
 cp_status cp_forward_buffers_init(cp_forward_buffers *fb, const cp_model_config *cfg, int B,
@@ -114,12 +114,16 @@ void cp_model_project(const cp_model *m, int l, int proj, float *out, const floa
     int in, outd;
     cp_proj_shape(&m->cfg, (cp_proj)proj, &in, &outd);
     const float *w = cp_model_proj_weight(m, l, proj), *b = m->layers[l].bias[proj];
+    cp_method *method = m->method;
+    const float *xin = x;
+    if (method && method->ops->project_input)
+        xin = method->ops->project_input(method, l, (cp_proj)proj, x, N);
     if (m->weights_in_out)
-        cp_matmul_kn_forward(out, x, w, b, N, in, outd);
+        cp_matmul_kn_forward(out, xin, w, b, N, in, outd);
     else
-        cp_matmul_forward(out, x, w, b, N, in, outd);
-    if (m->lora)
-        cp_lora_forward(m->lora, l, (cp_proj)proj, out, x, N);
+        cp_matmul_forward(out, xin, w, b, N, in, outd);
+    if (method && method->ops->project)
+        method->ops->project(method, l, (cp_proj)proj, out, x, N);
 }
 
 void cp_model_norm(const cp_model *m, float *out, float *mean, float *rstd, const float *inp,

@@ -8,7 +8,7 @@
 
 #include "core/rng.h"
 #include "model/kv_cache.h"
-#include "peft/lora.h"
+#include "peft/method.h"
 
 cp_generate_params cp_generate_default_params(void)
 {
@@ -121,7 +121,7 @@ cp_status cp_generate(cp_model *m, const int32_t *prompt, size_t n_prompt,
         return st;
 
     int V = m->cfg.vocab_size, max_new = params->max_new_tokens;
-    if (m->lora && (st = cp_lora_reserve_eval(m->lora, 1, err)) != CP_OK)
+    if (m->method && (st = m->method->ops->reserve(m->method, 1, 0, err)) != CP_OK)
         return st;
     cp_kv_cache kv;
     if ((st = cp_kv_cache_init(&kv, &m->cfg, (int)n_prompt + max_new, err)) != CP_OK)
@@ -135,9 +135,9 @@ cp_status cp_generate(cp_model *m, const int32_t *prompt, size_t n_prompt,
         return cp_error_nomem(err, "generation", (size_t)V * sizeof *sorted);
     }
 
-    int was_training = m->lora ? m->lora->training : 0;
-    if (m->lora)
-        m->lora->training = 0; /* no dropout while generating */
+    int was_training = m->method ? m->method->training : 0;
+    if (m->method)
+        m->method->training = 0; /* no dropout while generating */
     cp_rng rng;
     cp_rng_seed(&rng, params->seed);
     for (size_t i = 0; i < n_prompt; i++)
@@ -155,8 +155,8 @@ cp_status cp_generate(cp_model *m, const int32_t *prompt, size_t n_prompt,
             cp_kv_cache_step(m, &kv, next);
     }
 
-    if (m->lora)
-        m->lora->training = was_training;
+    if (m->method)
+        m->method->training = was_training;
     free(sorted);
     cp_kv_cache_free(&kv);
     *out = ids;

@@ -9,7 +9,6 @@
 #include "ops/matmul.h"
 #include "ops/norm.h"
 #include "ops/rope.h"
-#include "peft/lora.h"
 
 cp_status cp_kv_cache_init(cp_kv_cache *kv, const cp_model_config *cfg, int n_ctx,
                            cp_error *err)

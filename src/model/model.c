@@ -14,8 +14,7 @@
 #include "core/file.h"
 #include "io/gguf.h"
 #include "ops/rope.h"
-#include "peft/lora.h"
-#include "peft/lora_io.h"
+#include "peft/method.h"
 
 cp_status cp_model_keep_owned(cp_model *m, float *buf, cp_error *err)
 {
@@ -250,10 +249,7 @@ void cp_model_free(cp_model *m)
     free(m->layers);
     free(m->inv_freq);
     free(m->dir);
-    if (m->owns_lora) {
-        cp_lora_free(m->lora);
-        free(m->lora);
-    }
+    cp_model_detach_method(m);
     cp_safetensors_close(m->weights);
     cp_gguf_close(m->gguf);
     free(m);
@@ -271,21 +267,34 @@ size_t cp_model_find_bad_id(const cp_model *m, const int32_t *ids, size_t n)
     return 0;
 }
 
+cp_status cp_model_attach_lora(cp_model *m, cp_lora *lora, cp_error *err)
+{
+    cp_method *method = NULL;
+    cp_status st = cp_lora_method_wrap(lora, &method, err);
+    if (st != CP_OK)
+        return st;
+    cp_model_detach_method(m);
+    m->method = method;
+    m->owns_method = 1;
+    return CP_OK;
+}
+
+void cp_model_detach_method(cp_model *m)
+{
+    if (m->owns_method)
+        cp_method_free(m->method);
+    m->method = NULL;
+    m->owns_method = 0;
+}
+
 cp_status cp_model_load_adapter(cp_model *m, const char *dir, cp_error *err)
 {
-    cp_lora *lora = malloc(sizeof *lora);
-    if (!lora)
-        return cp_error_nomem(err, "the adapter", sizeof *lora);
-    cp_status st = cp_lora_load(lora, dir, &m->cfg, err);
-    if (st != CP_OK) {
-        free(lora);
+    cp_method *method = NULL;
+    cp_status st = cp_method_load(dir, m, &method, err);
+    if (st != CP_OK)
         return st;
-    }
-    if (m->owns_lora) {
-        cp_lora_free(m->lora);
-        free(m->lora);
-    }
-    m->lora = lora;
-    m->owns_lora = 1;
+    cp_model_detach_method(m);
+    m->method = method;
+    m->owns_method = 1;
     return CP_OK;
 }

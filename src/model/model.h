@@ -43,12 +43,21 @@ struct cp_model {
     float *inv_freq;          /* (D/2) RoPE frequencies */
     float **owned;            /* widened copies, freed with the model */
     int n_owned;
-    struct cp_lora *lora;     /* an attached adapter, or NULL */
-    int owns_lora;            /* 1 when cp_model_load_adapter allocated it */
+    struct cp_method *method; /* the attached fine-tuning method, or NULL */
+    int owns_method;          /* 1 when cp_model_load_adapter created it */
 };
 
 /* Loads a GGUF file (llama, qwen2 or gpt2 architecture): see model_gguf.c. */
 cp_status cp_model_load_gguf(const char *path, cp_model **out, cp_error *err);
+
+struct cp_lora;
+
+/* Attaches lora, which the caller owns and keeps alive, as the model's
+ * method (a "lora" wrapper the model frees). */
+cp_status cp_model_attach_lora(cp_model *m, struct cp_lora *lora, cp_error *err);
+
+/* Removes the attached method, freeing it if the model owns it. */
+void cp_model_detach_method(cp_model *m);
 
 /* Keeps buf, a widened or reordered weight copy, until the model is freed;
  * on failure frees buf. */
@@ -145,6 +154,8 @@ typedef struct cp_backward_buffers {
     float *dv;      /* (B, T, KVH*D) */
     float *dqkv;    /* (B, T, (H + 2 KVH) D), a fused q/k/v projection's gradient */
     float *scratch; /* (B, H, T, T) */
+    float *dproj_out; /* (B, T, widest projection) a method's rewritten output gradient */
+    float *dproj_in;  /* (B, T, widest projection) the gradient of a hooked input */
     float *memory;
 } cp_backward_buffers;
 

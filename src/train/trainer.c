@@ -1,5 +1,5 @@
 /*
- * The LoRA training loop: micro-batches through forward and backward,
+ * The training loop of every method: micro-batches through forward and backward,
  * gradient accumulation, clipping, AdamW under a learning-rate schedule,
  * evaluation before, during and after, metrics.jsonl, and the run folder.
  */
@@ -14,7 +14,7 @@
 
 #include "model/model.h"
 #include "io/tokenizer_config.h"
-#include "peft/lora_io.h"
+#include "peft/method.h"
 #include "train/dataset.h"
 #include "train/optimizer.h"
 #include "train/run_folder.h"
@@ -22,7 +22,7 @@
 cp_train_params cp_train_default_params(void)
 {
     return (cp_train_params){
-        .lora = cp_lora_default_params(),
+        .method = cp_method_default_settings(),
         .steps = 100,
         .batch_size = 8,
         .seq_len = 128,
@@ -51,13 +51,11 @@ typedef struct trainer {
     cp_model *model;
     cp_tokenizer *tok;
     cp_dataset data;
-    cp_lora lora;
+    cp_method *method;
     cp_forward_buffers fb;
     cp_backward_buffers bb;
     cp_adamw opt;
     cp_schedule sched;
-    cp_param_ref *refs;
-    int n_refs;
     int32_t *batch;   /* (B, T + 1) */
     int32_t *inputs;  /* (B, T) */
     int32_t *targets; /* (B, T) */
@@ -73,37 +71,13 @@ static void trainer_free(trainer *t)
     free(t->batch);
     free(t->inputs);
     free(t->targets);
-    free(t->refs);
     cp_adamw_free(&t->opt);
     cp_backward_buffers_free(&t->bb);
     cp_forward_buffers_free(&t->fb);
-    cp_lora_free(&t->lora);
+    cp_method_free(t->method);
     cp_dataset_free(&t->data);
     cp_tokenizer_free(t->tok);
     cp_model_free(t->model);
-}
-
-/* One parameter reference per LoRA matrix, so the optimizer and clipping
- * see every A and B. */
-static cp_status build_param_refs(trainer *t, cp_error *err)
-{
-    int n = 0, cap = t->lora.n_layers * CP_PROJ_COUNT * 2;
-    t->refs = calloc((size_t)cap, sizeof *t->refs);
-    if (!t->refs)
-        return cp_error_nomem(err, "parameter list", (size_t)cap * sizeof *t->refs);
-    for (int l = 0; l < t->lora.n_layers; l++) {
-        for (int p = 0; p < CP_PROJ_COUNT; p++) {
-            cp_lora_slot *s = cp_lora_slot_at(&t->lora, l, (cp_proj)p);
-            if (!s->A)
-                continue;
-            size_t r = (size_t)t->lora.params.r;
-            const char *name = cp_proj_name(&t->lora.cfg, (cp_proj)p);
-            t->refs[n++] = (cp_param_ref){name, s->A, s->dA, r * s->in, 1};
-            t->refs[n++] = (cp_param_ref){name, s->B, s->dB, r * s->out, 1};
-        }
-    }
-    t->n_refs = n;
-    return CP_OK;
 }
 
 /* Checks each setting on its own, before any file is read, so that the
@@ -127,11 +101,18 @@ static cp_status check_settings(const cp_train_params *p, cp_error *err)
          p->eval_split},
         {!(p->warmup_ratio >= 0 && p->warmup_ratio <= 1), "--warmup-ratio", "must be in [0, 1]",
          p->warmup_ratio},
-        {p->lora.r <= 0, "--r", "must be positive", p->lora.r},
-        {!(p->lora.alpha > 0), "--alpha", "must be positive", p->lora.alpha},
-        {!(p->lora.dropout >= 0 && p->lora.dropout < 1), "--lora-dropout", "must be in [0, 1)",
-         p->lora.dropout},
+        {p->method.lora.r <= 0, "--r", "must be positive", p->method.lora.r},
+        {!(p->method.lora.alpha > 0), "--alpha", "must be positive", p->method.lora.alpha},
+        {!(p->method.lora.dropout >= 0 && p->method.lora.dropout < 1), "--lora-dropout",
+         "must be in [0, 1)", p->method.lora.dropout},
     };
+    const char *name = p->method_name ? p->method_name : "lora";
+    if (!cp_method_find(name)) {
+        char names[256];
+        cp_method_list(names, sizeof names);
+        return cp_error_set(err, CP_ERR_INPUT, "--method \"%s\" is not a method; available: %s",
+                            name, names);
+    }
     for (size_t i = 0; i < sizeof checks / sizeof *checks; i++)
         if (checks[i].bad)
             return cp_error_set(err, CP_ERR_INPUT, "%s %s, got %g", checks[i].option,
@@ -139,9 +120,9 @@ static cp_status check_settings(const cp_train_params *p, cp_error *err)
     return CP_OK;
 }
 
-/* The model, its tokenizer, the LoRA targets named for its architecture,
- * then the data. */
-static cp_status load_inputs(trainer *t, const cp_train_params *p, cp_lora_params *lp,
+/* The model, its tokenizer, the targets named for its architecture, then
+ * the data. */
+static cp_status load_inputs(trainer *t, const cp_train_params *p, cp_method_settings *ms,
                              cp_error *err)
 {
     cp_status st = cp_model_load(p->model_dir, &t->model, err);
@@ -154,10 +135,9 @@ static cp_status load_inputs(trainer *t, const cp_train_params *p, cp_lora_param
         return st;
 
     const cp_model_config *mc = &t->model->cfg;
-    if (p->targets && (st = cp_proj_parse_list(mc, p->targets, &lp->targets, err)))
+    if (p->targets && (st = cp_proj_parse_list(mc, p->targets, &ms->targets, err)))
         return cp_error_prefix(err, "--target");
-    if (!p->targets && mc->fused_qkv)
-        lp->targets = 1u << CP_PROJ_QKV; /* PEFT's default for GPT-2: c_attn */
+    ms->targets_given = p->targets != NULL;
 
     cp_dataset_params dp = cp_dataset_default_params();
     dp.train_path = p->data_path;
@@ -174,7 +154,8 @@ static cp_status load_inputs(trainer *t, const cp_train_params *p, cp_lora_param
  * memory there is a setting to lower, not a failure of the machine. */
 static cp_status allocate_activations(trainer *t, int B, int T, cp_error *err)
 {
-    cp_status st = cp_lora_reserve(&t->lora, B * T, err);
+    cp_status st = t->method->ops->reserve(t->method, B * T, 1, err);
+    t->method->training = 1;
     if (st == CP_OK)
         st = cp_forward_buffers_init(&t->fb, &t->model->cfg, B, T, 1, err);
     if (st == CP_OK)
@@ -193,24 +174,23 @@ static cp_status allocate_activations(trainer *t, int B, int T, cp_error *err)
 static cp_status setup(trainer *t, const cp_train_params *p, cp_error *err)
 {
     int B = p->batch_size, T = p->seq_len;
-    cp_lora_params lp = p->lora;
+    cp_method_settings ms = p->method;
     cp_status st = check_settings(p, err);
     if (st == CP_OK)
         st = cp_run_folder_begin(&t->run, p->out_dir, err);
     if (st == CP_OK)
-        st = load_inputs(t, p, &lp, err);
+        st = load_inputs(t, p, &ms, err);
     if (st == CP_OK)
-        st = cp_lora_init(&t->lora, &t->model->cfg, &lp, err);
+        st = cp_method_create(cp_method_find(p->method_name ? p->method_name : "lora"), t->model,
+                              &ms, &t->method, err);
     if (st == CP_OK) {
-        t->model->lora = &t->lora;
+        t->model->method = t->method;
         st = allocate_activations(t, B, T, err);
     }
-    if (st == CP_OK)
-        st = build_param_refs(t, err);
     if (st == CP_OK) {
         cp_adamw_config oc = cp_adamw_default_config();
         oc.weight_decay = p->weight_decay;
-        st = cp_adamw_init(&t->opt, t->refs, t->n_refs, &oc, err);
+        st = cp_adamw_init(&t->opt, t->method->params, t->method->n_params, &oc, err);
     }
     if (st == CP_OK)
         st = cp_schedule_init(&t->sched, p->schedule, p->lr, p->warmup_steps, p->warmup_ratio,
@@ -251,7 +231,7 @@ static cp_status train_step(trainer *t, const cp_train_params *p, int step, doub
                             double *grad_norm, cp_error *err)
 {
     int B = p->batch_size, T = p->seq_len;
-    memset(t->lora.grads, 0, t->lora.n_weights * sizeof(float));
+    cp_method_zero_grads(t->method);
     *loss = 0.0;
     for (int micro = 0; micro < p->grad_accum; micro++) {
         cp_dataset_next_batch(&t->data, t->batch, B, NULL);
@@ -273,11 +253,13 @@ static cp_status train_step(trainer *t, const cp_train_params *p, int step, doub
 
     cp_status st = CP_OK;
     if (p->max_grad_norm > 0) {
-        st = cp_grad_clip_norm(t->refs, t->n_refs, p->max_grad_norm, grad_norm, err);
+        st = cp_grad_clip_norm(t->method->params, t->method->n_params, p->max_grad_norm,
+                               grad_norm, err);
     } else {
         double sum = 0.0;
-        for (size_t i = 0; i < t->lora.n_weights; i++)
-            sum += (double)t->lora.grads[i] * t->lora.grads[i];
+        for (int i = 0; i < t->method->n_params; i++)
+            for (size_t j = 0; j < t->method->params[i].n; j++)
+                sum += (double)t->method->params[i].grad[j] * t->method->params[i].grad[j];
         *grad_norm = sqrt(sum);
     }
     if (st != CP_OK)
@@ -341,7 +323,7 @@ cp_status cp_train_run(const cp_train_params *p, cp_train_callback callback, voi
     memset(result, 0, sizeof *result);
     cp_status st = setup(&t, p, err);
     if (st == CP_OK) {
-        result->trainable_params = t.lora.n_weights;
+        result->trainable_params = cp_method_param_count(t.method);
         result->base_params = count_base_params(&t.model->cfg);
         st = run_loop(&t, p, callback, ctx, result, err);
     }
@@ -352,7 +334,8 @@ cp_status cp_train_run(const cp_train_params *p, cp_train_callback callback, voi
      * it correctly from any working directory. */
     char *base = st == CP_OK ? realpath(p->model_dir, NULL) : NULL;
     if (st == CP_OK)
-        st = cp_lora_save(&t.lora, t.run.tmp_path, base ? base : p->model_dir, err);
+        st = t.method->ops->save(t.method, t.model, t.run.tmp_path, base ? base : p->model_dir,
+                                 err);
     free(base);
     if (st == CP_OK && (fflush(t.metrics) != 0 || fsync(fileno(t.metrics)) != 0))
         st = cp_error_set(err, CP_ERR_IO, "%s: cannot write metrics.jsonl", t.run.tmp_path);

@@ -1,5 +1,5 @@
 /*
- * LoRA fine-tuning of a frozen base model: the training loop, periodic
+ * Fine-tuning of a frozen base model with any registered method: the training loop, periodic
  * evaluation, metrics.jsonl, and the run folder.
  *
  * The run folder is built beside its final path and renamed into place only
@@ -12,7 +12,7 @@
 
 #include <stdint.h>
 
-#include "peft/lora.h"
+#include "peft/method.h"
 #include "train/schedule.h"
 
 typedef struct cp_train_params {
@@ -20,9 +20,10 @@ typedef struct cp_train_params {
     const char *data_path;
     const char *eval_path;  /* NULL: hold out the last eval_split of the data */
     const char *out_dir;
-    cp_lora_params lora;
+    const char *method_name; /* a registered method (cp_method_find); NULL: "lora" */
+    cp_method_settings method;
     const char *targets;    /* module names or "all-linear", parsed against the model;
-                             * NULL: lora.targets, or c_attn for GPT-2 */
+                             * NULL: the method's default */
     int steps;              /* optimizer steps */
     int batch_size;         /* windows per micro-batch */
     int seq_len;            /* inputs per window */
@@ -35,7 +36,7 @@ typedef struct cp_train_params {
     double max_grad_norm;   /* 0: no clipping */
     double eval_split;
     int eval_every;         /* steps between evaluations; 0: only before and after */
-    uint64_t seed;          /* data order; the LoRA seed is lora.seed */
+    uint64_t seed;          /* data order; the method's seed is method.seed */
 } cp_train_params;
 
 cp_train_params cp_train_default_params(void);
