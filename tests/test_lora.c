@@ -326,8 +326,8 @@ TEST(adapter_load_rejects_mismatches)
                         "\"use_dora\": true, \"target_modules\": [\"q_proj\", \"v_proj\"]}",
                         0, "\"use_dora\" is set");
     check_adapter_error("{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 16, "
-                        "\"target_modules\": [\"q_proj\", \"v_proj\"], \"task_type\": \"SEQ_CLS\"}",
-                        0, "task_type SEQ_CLS");
+                        "\"target_modules\": [\"q_proj\", \"v_proj\"], \"task_type\": \"TOKEN_CLS\"}",
+                        0, "task_type TOKEN_CLS");
     check_adapter_error("{\"peft_type\": \"LORA\", ", 0, "invalid JSON");
 }
 

@@ -176,12 +176,28 @@ def gelu_new(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def attention(cfg, weights, prefix, layer_index, h):
+def conv1d(weights, path, x, adapter=None):
+    """Apply the Conv1D module at path (weight stored (in, out)) to x, plus its LoRA term when adapter has one.
+
+    adapter maps module paths such as "transformer.h.0.attn.c_attn" to
+    (A, B, scaling) with A (r, in) and B (out, r). The term is
+    (x @ A^T) @ B^T * scaling, as PEFT's LoRA Linear computes it on a Conv1D
+    base layer: fan_in_fan_out=true only transposes the base weight when
+    merging, and lora_A and lora_B stay nn.Linear layers.
+    """
+    y = x @ weights[path + ".weight"] + weights[path + ".bias"]
+    if adapter is not None and path in adapter:
+        a, b, scaling = adapter[path]
+        y = y + (x @ a.T) @ b.T * scaling
+    return y
+
+
+def attention(cfg, weights, prefix, layer_index, h, adapter=None):
     """Return causal multi-head self-attention of h (batch, seq, n_embd), after c_proj."""
     batch, seq_len, hidden = h.shape
     heads, head_dim = cfg["n_head"], cfg["head_dim"]
 
-    qkv = h @ weights[prefix + "attn.c_attn.weight"] + weights[prefix + "attn.c_attn.bias"]
+    qkv = conv1d(weights, prefix + "attn.c_attn", h, adapter)
     q, k, v = qkv.split(hidden, dim=-1)
     q, k, v = (t.reshape(batch, seq_len, heads, head_dim).transpose(1, 2) for t in (q, k, v))
 
@@ -195,11 +211,14 @@ def attention(cfg, weights, prefix, layer_index, h):
     context = torch.softmax(scores, dim=-1) @ v
 
     merged = context.transpose(1, 2).reshape(batch, seq_len, hidden)
-    return merged @ weights[prefix + "attn.c_proj.weight"] + weights[prefix + "attn.c_proj.bias"]
+    return conv1d(weights, prefix + "attn.c_proj", merged, adapter)
 
 
-def forward(cfg, weights, ids):
-    """Return (logits, final_hidden) for ids (batch, seq): shapes (batch, seq, vocab) and (batch, seq, n_embd)."""
+def forward(cfg, weights, ids, adapter=None):
+    """Return (logits, final_hidden) for ids (batch, seq): shapes (batch, seq, vocab) and (batch, seq, n_embd).
+
+    adapter, when given, adds LoRA terms to the Conv1D modules it names (see conv1d).
+    """
     seq_len = ids.shape[1]
     if seq_len > cfg["n_positions"]:
         raise ValueError(f"sequence length {seq_len} exceeds n_positions {cfg['n_positions']}")
@@ -209,11 +228,11 @@ def forward(cfg, weights, ids):
     for i in range(cfg["n_layer"]):
         p = f"transformer.h.{i}."
         h = layer_norm(x, weights[p + "ln_1.weight"], weights[p + "ln_1.bias"], eps)
-        x = x + attention(cfg, weights, p, i, h)
+        x = x + attention(cfg, weights, p, i, h, adapter)
 
         h = layer_norm(x, weights[p + "ln_2.weight"], weights[p + "ln_2.bias"], eps)
-        inner = gelu_new(h @ weights[p + "mlp.c_fc.weight"] + weights[p + "mlp.c_fc.bias"])
-        x = x + inner @ weights[p + "mlp.c_proj.weight"] + weights[p + "mlp.c_proj.bias"]
+        inner = gelu_new(conv1d(weights, p + "mlp.c_fc", h, adapter))
+        x = x + conv1d(weights, p + "mlp.c_proj", inner, adapter)
 
     final_hidden = layer_norm(x, weights["transformer.ln_f.weight"], weights["transformer.ln_f.bias"], eps)
     logits = final_hidden @ weights["lm_head.weight"].T

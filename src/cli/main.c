@@ -14,6 +14,7 @@ static const struct {
     {"train", cmd_train, "fine-tune a model with LoRA and write a PEFT adapter"},
     {"generate", cmd_generate, "continue a prompt with a model"},
     {"eval", cmd_eval, "measure a model's loss and perplexity on a text file"},
+    {"classify", cmd_classify, "print the class logits of a text with a SEQ_CLS adapter"},
     {"tokenize", cmd_tokenize, "turn text into token ids, or ids back into text"},
     {"inspect", cmd_inspect, "show a model folder's config and tensors"},
     {"convert-llama2c", cmd_convert_llama2c,

@@ -9,6 +9,7 @@
 
 #include "core/file.h"
 #include "io/safetensors.h"
+#include "tasks/seq_cls.h"
 
 void cp_lora_tensor_name(const cp_model_config *cfg, char *buf, size_t size, int layer,
                          cp_proj p, char which)
@@ -174,9 +175,31 @@ static cp_status parse_targets(const cp_model_config *cfg, const cJSON *item, un
     return CP_OK;
 }
 
-/* Fills p from adapter_config.json's text. */
+/* Accepts modules_to_save when it is empty, or when a SEQ_CLS adapter lists
+ * only its classification head (PEFT adds "score" or "classifier" itself),
+ * whose weights src/tasks/seq_cls_io.c reads. */
+static cp_status check_modules_to_save(const cJSON *root, int seq_cls, const char *path,
+                                       cp_error *err)
+{
+    const cJSON *modules = cJSON_GetObjectItemCaseSensitive(root, "modules_to_save");
+    if (!seq_cls || !cJSON_IsArray(modules))
+        return reject_if_set(root, "modules_to_save", path, err);
+    const cJSON *el;
+    cJSON_ArrayForEach(el, modules)
+    {
+        if (!cJSON_IsString(el) || !cp_seq_cls_is_head_module(el->valuestring))
+            return cp_error_set(err, CP_ERR_INPUT,
+                                "%s: modules_to_save lists %s; cpeft supports only the "
+                                "classification head (\"score\" or \"classifier\") there",
+                                path, cJSON_IsString(el) ? el->valuestring : "a non-string");
+    }
+    return CP_OK;
+}
+
+/* Fills p from adapter_config.json's text, and *seq_cls with 1 for
+ * task_type SEQ_CLS. */
 static cp_status parse_config(const cp_model_config *cfg, const char *text, const char *path,
-                              cp_lora_params *p, cp_error *err)
+                              cp_lora_params *p, int *seq_cls, cp_error *err)
 {
     cJSON *root = cJSON_Parse(text);
     if (!cJSON_IsObject(root)) {
@@ -202,15 +225,20 @@ static cp_status parse_config(const cp_model_config *cfg, const char *text, cons
     else if (!cJSON_IsNumber(alpha) || !(alpha->valuedouble > 0))
         st = cp_error_set(err, CP_ERR_INPUT, "%s: missing or invalid \"lora_alpha\"", path);
     else if (task && !cJSON_IsNull(task) &&
-             (!cJSON_IsString(task) || strcmp(task->valuestring, "CAUSAL_LM") != 0))
+             (!cJSON_IsString(task) || (strcmp(task->valuestring, "CAUSAL_LM") != 0 &&
+                                        strcmp(task->valuestring, "SEQ_CLS") != 0)))
         st = cp_error_set(err, CP_ERR_INPUT,
-                          "%s: task_type %s is not supported; cpeft applies CAUSAL_LM adapters",
+                          "%s: task_type %s is not supported; cpeft applies CAUSAL_LM and "
+                          "SEQ_CLS adapters",
                           path, cJSON_IsString(task) ? task->valuestring : "(not a string)");
+    *seq_cls = cJSON_IsString(task) && strcmp(task->valuestring, "SEQ_CLS") == 0;
     static const char *const unsupported[] = {
-        "use_dora", "modules_to_save", "layers_to_transform", "rank_pattern",
+        "use_dora", "layers_to_transform", "rank_pattern",
         "alpha_pattern", "layer_replication", "lora_bias"};
     for (size_t i = 0; st == CP_OK && i < sizeof unsupported / sizeof *unsupported; i++)
         st = reject_if_set(root, unsupported[i], path, err);
+    if (st == CP_OK)
+        st = check_modules_to_save(root, *seq_cls, path, err);
     if (st == CP_OK)
         st = reject_if_set(root, "bias", path, err);
     const cJSON *fan = cJSON_GetObjectItemCaseSensitive(root, "fan_in_fan_out");
@@ -258,12 +286,15 @@ static cp_status load_tensor(const cp_safetensors *st_file, const char *name, in
     return CP_OK;
 }
 
-/* Fills every slot from the file and rejects tensors no slot claims. */
-static cp_status load_tensors(cp_lora *lora, const cp_safetensors *file, const char *path,
-                              cp_error *err)
+/* Fills every slot from the file and rejects tensors no slot claims. The
+ * classification head of a SEQ_CLS adapter is left to cp_seq_cls_load. */
+static cp_status load_tensors(cp_lora *lora, const cp_safetensors *file, int seq_cls,
+                              const char *path, cp_error *err)
 {
     char name[160];
     size_t claimed = 0;
+    for (size_t i = 0; seq_cls && i < cp_safetensors_count(file); i++)
+        claimed += cp_seq_cls_is_head_tensor(cp_safetensors_at(file, i)->name);
     cp_status st = CP_OK;
     for (int l = 0; st == CP_OK && l < lora->n_layers; l++) {
         for (int p = 0; st == CP_OK && p < CP_PROJ_COUNT; p++) {
@@ -282,7 +313,7 @@ static cp_status load_tensors(cp_lora *lora, const cp_safetensors *file, const c
         /* Name the first tensor that belongs to no slot. */
         for (size_t i = 0; i < cp_safetensors_count(file); i++) {
             const char *found = cp_safetensors_at(file, i)->name;
-            int known = 0;
+            int known = seq_cls && cp_seq_cls_is_head_tensor(found);
             for (int l = 0; !known && l < lora->n_layers; l++)
                 for (int p = 0; !known && p < CP_PROJ_COUNT; p++)
                     for (int w = 0; !known && w < 2; w++) {
@@ -309,12 +340,13 @@ cp_status cp_lora_load(cp_lora *lora, const char *dir, const cp_model_config *cf
     char *text = NULL;
     cp_safetensors *file = NULL;
     cp_lora_params p = cp_lora_default_params();
+    int seq_cls = 0;
     cp_status st = config_path && weights_path ? CP_OK : cp_error_nomem(err, "a path", 0);
 
     if (st == CP_OK)
         st = cp_file_read(config_path, &text, NULL, err);
     if (st == CP_OK)
-        st = parse_config(cfg, text, config_path, &p, err);
+        st = parse_config(cfg, text, config_path, &p, &seq_cls, err);
     if (st == CP_OK) {
         p.dropout = 0.0f; /* dropout only matters for training */
         st = cp_lora_init(lora, cfg, &p, err);
@@ -322,7 +354,7 @@ cp_status cp_lora_load(cp_lora *lora, const char *dir, const cp_model_config *cf
     if (st == CP_OK)
         st = cp_safetensors_open(weights_path, &file, err);
     if (st == CP_OK)
-        st = load_tensors(lora, file, weights_path, err);
+        st = load_tensors(lora, file, seq_cls, weights_path, err);
     if (st != CP_OK)
         cp_lora_free(lora);
 

@@ -3,9 +3,11 @@
  * adapter_config.json and adapter_model.safetensors, tensors named after the
  * base model's modules (cp_lora_tensor_name).
  *
- * Loading accepts adapters cpeft or PEFT wrote for the same base model, and
- * rejects settings it cannot apply (DoRA, modules_to_save, per-layer rank or
- * alpha patterns, layer subsets, regex targets) by name.
+ * Loading accepts adapters cpeft or PEFT wrote for the same base model, with
+ * task_type CAUSAL_LM or SEQ_CLS (whose classification head
+ * cp_seq_cls_load reads), and rejects settings it cannot apply (DoRA, other
+ * modules_to_save, per-layer rank or alpha patterns, layer subsets, regex
+ * targets) by name.
  */
 #ifndef CP_LORA_IO_H
 #define CP_LORA_IO_H
