@@ -104,7 +104,7 @@ int cmd_train(int argc, char **argv)
 {
     cp_train_params p = cp_train_default_params();
     const char *method = "lora", *target = NULL, *schedule = "cosine";
-    int rslora = 0, quiet = 0, warmup_steps = 0;
+    int rslora = 0, dora = 0, quiet = 0, warmup_steps = 0;
     float lr = 2e-4f, weight_decay = 0.0f, warmup_ratio = 0.0f, max_grad_norm = 1.0f;
     float eval_split = 0.05f;
     const cli_option options[] = {
@@ -117,6 +117,17 @@ int cmd_train(int argc, char **argv)
         {"alpha", CLI_FLOAT, &p.method.lora.alpha, "A", "LoRA alpha; the update is scaled by alpha/r (default 16)"},
         {"rslora", CLI_FLAG, &rslora, NULL, "scale by alpha/sqrt(r) instead (rank-stabilized LoRA)"},
         {"lora-dropout", CLI_FLOAT, &p.method.lora.dropout, "P", "dropout on the LoRA input (default 0)"},
+        {"dora", CLI_FLAG, &dora, NULL, "weight-decomposed LoRA: also learn a magnitude per output row"},
+        {"adapter-config", CLI_STRING, &p.method.adapter_config, "NAME", "bottleneck adapters: houlsby (after attention and MLP) or pfeiffer (after the MLP) (default houlsby)"},
+        {"reduction-factor", CLI_INT, &p.method.reduction_factor, "N", "bottleneck adapters: hidden size / bottleneck size (default 16)"},
+        {"non-linearity", CLI_STRING, &p.method.non_linearity, "NAME", "bottleneck adapters: relu, swish or gelu (default relu)"},
+        {"num-virtual-tokens", CLI_INT, &p.method.n_virtual_tokens, "N", "prompt and prefix tuning: virtual tokens (default 20)"},
+        {"prompt-init", CLI_STRING, &p.method.prompt_init, "HOW", "prompt tuning: random, vocab (embeddings of sampled tokens) or text (default random)"},
+        {"prompt-init-text", CLI_STRING, &p.method.prompt_init_text, "TEXT", "prompt tuning: the text whose embeddings start the prompt (implies --prompt-init text)"},
+        {"prefix-projection", CLI_FLAG, &p.method.prefix_projection, NULL, "prefix tuning: train the prefixes through an MLP (saved projected)"},
+        {"double-quant", CLI_FLAG, &p.method.double_quant, NULL, "qlora: quantize the NF4 block scales again to 8 bits"},
+        {"trainable", CLI_STRING, &p.method.trainable, "GLOB", "full: train only the weights whose names match (e.g. '*layers.3.*', '*norm*')"},
+        {"modules-to-save", CLI_STRING, &p.method.modules_to_save, "LIST", "modules trained fully next to the method, comma-separated (e.g. lm_head)"},
         {"target", CLI_STRING, &target, "LIST", "projections to adapt: comma-separated module names or all-linear (default q_proj,v_proj; c_attn for GPT-2)"},
         {"steps", CLI_INT, &p.steps, "N", "optimizer steps (default 100)"},
         {"batch-size", CLI_INT, &p.batch_size, "B", "windows per micro-batch (default 8)"},
@@ -156,6 +167,7 @@ int cmd_train(int argc, char **argv)
     cp_error err = {0};
     p.method_name = method;
     p.method.lora.use_rslora = rslora;
+    p.method.lora.use_dora = dora;
     p.method.lora.seed = p.seed;
     p.method.seed = p.seed;
     p.lr = lr;

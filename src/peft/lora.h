@@ -22,6 +22,7 @@ typedef struct cp_lora_params {
     float alpha;
     float dropout;      /* probability of zeroing an input element, in [0, 1) */
     int use_rslora;     /* scaling alpha / sqrt(r) instead of alpha / r */
+    int use_dora;       /* weight-decomposed LoRA: a learned magnitude per output row */
     unsigned targets;   /* bit mask of (1 << cp_proj); cp_proj_parse_list builds it */
     uint64_t seed;      /* initialization and dropout */
 } cp_lora_params;
