@@ -7,13 +7,17 @@
 #include "core/error.h"
 #include "core/file.h"
 #include "io/tokenizer_config.h"
+#include "tokenizer/tokenizer.h"
 
 cp_status cli_load_tokenizer(const char *path, cp_tokenizer **tok, int *add_bos, cp_error *err)
 {
     *add_bos = 1;
     cp_status st = cp_tokenizer_load(path, tok, err);
+    size_t len = strlen(path);
     if (st == CP_OK && cp_file_is_dir(path))
         st = cp_tokenizer_config_add_bos(path, add_bos, err);
+    else if (st == CP_OK && len >= 5 && strcmp(path + len - 5, ".gguf") == 0)
+        st = cp_tokenizer_gguf_add_bos(path, *tok, add_bos, err);
     if (st != CP_OK) {
         cp_tokenizer_free(*tok);
         *tok = NULL;

@@ -5,8 +5,8 @@
  * The reader maps the file read-only and hands out pointers into the map,
  * with no copies. Every count, length, offset and size is checked against
  * the file before use. It reads versions 2 and 3 (little-endian only) and
- * tensors of type F32, F16, BF16, Q8_0 and Q4_0. It does not write GGUF
- * files and does not check that strings are valid UTF-8.
+ * tensors of type F32, F16, BF16, Q8_0 and Q4_0. It does not check that
+ * strings are valid UTF-8. io/gguf_write.h writes files that it reads.
  */
 #ifndef CP_GGUF_H
 #define CP_GGUF_H

@@ -536,10 +536,39 @@ static int32_t token_table_insert(cp_bpe_model *m, int32_t id)
     return -1;
 }
 
+/* Stores token id from its vocab-file spelling as raw bytes at
+ * token_bytes + *used and indexes it. A token with a code point outside the
+ * byte table keeps its UTF-8 text and cannot be reached by merges. Returns
+ * the id of an earlier token with the same raw bytes, or -1. */
+static int32_t put_vocab_token(cp_bpe_model *m, const int16_t *byte_of, int32_t id,
+                               const char *text, size_t len, size_t *used)
+{
+    char *out = m->token_bytes + *used;
+    long n = unmap_token(byte_of, text, len, out);
+    m->token_offset[id] = (uint32_t)*used;
+    m->token_len[id] = (uint32_t)(n < 0 ? len : (size_t)n);
+    *used += m->token_len[id];
+    if (n < 0) {
+        memcpy(out, text, len);
+        return -1;
+    }
+    return token_table_insert(m, id);
+}
+
+/* Stores an added token's text as it is, replacing the vocabulary's
+ * spelling where the id has one. */
+static void put_added_token(cp_bpe_model *m, int32_t id, const char *text, size_t len,
+                            bool special, size_t *used)
+{
+    memcpy(m->token_bytes + *used, text, len);
+    m->token_offset[id] = (uint32_t)*used;
+    m->token_len[id] = (uint32_t)len;
+    m->token_special[id] = special;
+    *used += len;
+}
+
 /* Copies every entry of the JSON object vocab ("token": id) into the token
- * table, as raw bytes. *used counts the bytes used in token_bytes. A token
- * with a code point outside the byte table keeps its UTF-8 text and cannot
- * be reached by merges. */
+ * table, as raw bytes. *used counts the bytes used in token_bytes. */
 static cp_status add_vocab(cp_bpe_model *m, const char *path, const char *key, const cJSON *vocab,
                            size_t *used, cp_error *err)
 {
@@ -555,33 +584,17 @@ static cp_status add_vocab(cp_bpe_model *m, const char *path, const char *key, c
         if (m->token_len[id] != UINT32_MAX)
             return load_fail(err, path, "%s: id %d is used by two tokens (\"%.60s\")", key, id,
                              item->string);
-        size_t text_len = strlen(item->string);
-        char *out = m->token_bytes + *used;
-        long n = unmap_token(byte_of, item->string, text_len, out);
-        m->token_offset[id] = (uint32_t)*used;
-        m->token_len[id] = (uint32_t)(n < 0 ? text_len : (size_t)n);
-        if (n < 0) {
-            memcpy(out, item->string, text_len);
-        } else if (token_table_insert(m, id) >= 0) {
+        if (put_vocab_token(m, byte_of, id, item->string, strlen(item->string), used) >= 0)
             return load_fail(err, path, "%s: token \"%.60s\" is listed twice", key, item->string);
-        }
-        *used += m->token_len[id];
     }
     return CP_OK;
 }
 
-/* Gives each added token its text (replacing the vocabulary's spelling
- * where the id is in both) and its special flag. */
+/* Gives each added token its text and its special flag. */
 static void add_added(cp_bpe_model *m, const added_token *added, int32_t n_added, size_t *used)
 {
-    for (int32_t i = 0; i < n_added; i++) {
-        const added_token *a = &added[i];
-        memcpy(m->token_bytes + *used, a->content, a->len);
-        m->token_offset[a->id] = (uint32_t)*used;
-        m->token_len[a->id] = (uint32_t)a->len;
-        m->token_special[a->id] = a->special;
-        *used += a->len;
-    }
+    for (int32_t i = 0; i < n_added; i++)
+        put_added_token(m, added[i].id, added[i].content, added[i].len, added[i].special, used);
 }
 
 /* Builds the token table from the vocabulary object and the added tokens.
@@ -674,8 +687,14 @@ static cp_status merges_alloc(cp_bpe_model *m, size_t count, cp_error *err)
 typedef struct merge_source {
     const char *path;
     char where[64];
+    const char *hint; /* "; what to do" after every message, or NULL */
     int16_t byte_of[BYTE_CODE_POINTS];
 } merge_source;
+
+static const char *merge_hint(const merge_source *src)
+{
+    return src->hint ? src->hint : "";
+}
 
 /* Looks up one side of a merge by its vocab-file spelling. */
 static cp_status merge_side(const cp_bpe_model *m, const merge_source *src, const char *text,
@@ -684,8 +703,8 @@ static cp_status merge_side(const cp_bpe_model *m, const merge_source *src, cons
     *raw_len = unmap_token(src->byte_of, text, len, raw);
     *id = *raw_len < 0 ? -1 : lookup_token(m, raw, (size_t)*raw_len);
     if (*id < 0)
-        return load_fail(err, src->path, "%s: token \"%.*s\" is not in the vocabulary", src->where,
-                         (int)(len < 60 ? len : 60), text);
+        return load_fail(err, src->path, "%s: token \"%.*s\" is not in the vocabulary%s",
+                         src->where, (int)(len < 60 ? len : 60), text, merge_hint(src));
     return CP_OK;
 }
 
@@ -695,8 +714,8 @@ static cp_status add_merge(cp_bpe_model *m, const merge_source *src, const char 
                            size_t left_len, const char *right, size_t right_len, cp_error *err)
 {
     if (left_len == 0 || right_len == 0)
-        return load_fail(err, src->path, "%s: expected two tokens separated by one space",
-                         src->where);
+        return load_fail(err, src->path, "%s: expected two tokens separated by one space%s",
+                         src->where, merge_hint(src));
     char *raw = malloc(left_len + right_len);
     if (!raw)
         return cp_error_nomem(err, "a merge", left_len + right_len);
@@ -709,8 +728,8 @@ static cp_status add_merge(cp_bpe_model *m, const merge_source *src, const char 
         result = lookup_token(m, raw, (size_t)(n_left + n_right));
         if (result < 0)
             st = load_fail(err, src->path, "%s: the merged token \"%.*s%.*s\" is not in the "
-                           "vocabulary", src->where, (int)(left_len < 60 ? left_len : 60), left,
-                           (int)(right_len < 60 ? right_len : 60), right);
+                           "vocabulary%s", src->where, (int)(left_len < 60 ? left_len : 60), left,
+                           (int)(right_len < 60 ? right_len : 60), right, merge_hint(src));
     }
     free(raw);
     if (st || lookup_merge(m, left_id, right_id) >= 0)
@@ -733,7 +752,8 @@ static cp_status add_merge_line(cp_bpe_model *m, const merge_source *src, const 
     const char *space = memchr(line, ' ', len);
     if (!space || memchr(space + 1, ' ', len - (size_t)(space + 1 - line)))
         return load_fail(err, src->path, "%s: expected two tokens separated by one space, "
-                         "found \"%.*s\"", src->where, (int)(len < 60 ? len : 60), line);
+                         "found \"%.*s\"%s", src->where, (int)(len < 60 ? len : 60), line,
+                         merge_hint(src));
     return add_merge(m, src, line, (size_t)(space - line), space + 1,
                      len - (size_t)(space + 1 - line), err);
 }
@@ -1010,6 +1030,90 @@ cp_status cp_bpe_load_files(const char *vocab_path, const char *merges_path, cp_
     st = m ? build_from_files(m, vocab_path, vocab, merges_path, err)
            : cp_error_nomem(err, "a tokenizer", sizeof *m);
     cJSON_Delete(vocab);
+    if (st) {
+        cp_bpe_free(m);
+        return st;
+    }
+    *out = m;
+    return CP_OK;
+}
+
+/* Fills the token table from v->tokens and appends the ids of the added
+ * (CONTROL and USER_DEFINED) tokens to added, which has room for all. */
+static cp_status put_vocab_tokens(cp_bpe_model *m, const char *name, const cp_bpe_vocab *v,
+                                  int32_t *added, int32_t *n_added, cp_error *err)
+{
+    size_t blob_cap = 0;
+    for (int32_t id = 0; id < v->n_tokens; id++)
+        blob_cap += v->tokens[id].len;
+    if (blob_cap > UINT32_MAX)
+        return load_fail(err, name, "%s: the tokens take %zu bytes, expected at most 4 GiB; %s",
+                         v->tokens_key, blob_cap, v->hint);
+    cp_status st = tokens_alloc(m, v->n_tokens, blob_cap, err);
+    if (st)
+        return st;
+
+    int16_t byte_of[BYTE_CODE_POINTS];
+    build_byte_table(byte_of);
+    size_t used = 0;
+    for (int32_t id = 0; id < v->n_tokens; id++) {
+        const cp_bpe_token *t = &v->tokens[id];
+        if (t->len == 0)
+            return load_fail(err, name, "%s[%d]: the token is empty, expected at least one byte; "
+                             "%s", v->tokens_key, id, v->hint);
+        if (t->kind != CP_BPE_TOKEN_NORMAL) {
+            put_added_token(m, id, t->text, t->len, t->kind == CP_BPE_TOKEN_CONTROL, &used);
+            added[(*n_added)++] = id;
+            continue;
+        }
+        int32_t other = put_vocab_token(m, byte_of, id, t->text, t->len, &used);
+        if (other >= 0)
+            return load_fail(err, name, "%s[%d]: token \"%.*s\" repeats token %d, expected "
+                             "each token once; %s", v->tokens_key, id,
+                             (int)(t->len < 60 ? t->len : 60), t->text, other, v->hint);
+    }
+    return CP_OK;
+}
+
+/* Adds the merges of v in rank order. */
+static cp_status put_vocab_merges(cp_bpe_model *m, const char *name, const cp_bpe_vocab *v,
+                                  cp_error *err)
+{
+    char hint[256];
+    snprintf(hint, sizeof hint, "; %s", v->hint);
+    merge_source src = {.path = name, .hint = hint};
+    build_byte_table(src.byte_of);
+    cp_status st = merges_alloc(m, (size_t)v->n_merges, err);
+    for (int32_t i = 0; !st && i < v->n_merges; i++) {
+        snprintf(src.where, sizeof src.where, "%s[%d]", v->merges_key, i);
+        st = add_merge_line(m, &src, v->merges[i].text, v->merges[i].len, err);
+    }
+    return st;
+}
+
+cp_status cp_bpe_build(const char *name, const cp_bpe_vocab *v, cp_bpe_model **out,
+                       cp_error *err)
+{
+    *out = NULL;
+    if (v->n_tokens <= 0 || v->n_tokens > MAX_TOKENS)
+        return load_fail(err, name, "%s has %d tokens, expected 1 to %d; %s", v->tokens_key,
+                         v->n_tokens, MAX_TOKENS, v->hint);
+    CP_ASSERT(v->n_merges >= 0 && v->eos_id >= -1 && v->eos_id < v->n_tokens);
+    cp_bpe_model *m = calloc(1, sizeof *m);
+    int32_t *added = malloc((size_t)v->n_tokens * sizeof *added);
+    int32_t n_added = 0;
+    cp_status st = m && added ? CP_OK
+                              : cp_error_nomem(err, "a tokenizer",
+                                               sizeof *m + (size_t)v->n_tokens * sizeof *added);
+    if (!st)
+        st = put_vocab_tokens(m, name, v, added, &n_added, err);
+    if (!st)
+        st = index_tokens(m, added, n_added, err);
+    if (!st && v->eos_id >= 0)
+        m->eos_id = v->eos_id;
+    if (!st)
+        st = put_vocab_merges(m, name, v, err);
+    free(added);
     if (st) {
         cp_bpe_free(m);
         return st;

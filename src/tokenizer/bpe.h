@@ -1,7 +1,8 @@
 /*
  * Byte-level BPE tokenizer in the style of GPT-2: reads a Hugging Face
- * `tokenizer.json` (model type BPE, ByteLevel pre-tokenizer) or a
- * `vocab.json` + `merges.txt` pair, and encodes and decodes text.
+ * `tokenizer.json` (model type BPE, ByteLevel pre-tokenizer), a
+ * `vocab.json` + `merges.txt` pair or in-memory arrays (cp_bpe_build, used
+ * for GGUF vocabularies), and encodes and decodes text.
  *
  * Supported: GPT-2's pre-tokenizer pattern, merges by rank, added tokens
  * matched as whole units. Rejected with a message: normalizers, other
@@ -53,6 +54,44 @@ cp_status cp_bpe_load_json(const char *path, cp_bpe_model **out, cp_error *err);
  * "<|endoftext|>", if present, becomes a special token and the EOS. */
 cp_status cp_bpe_load_files(const char *vocab_path, const char *merges_path, cp_bpe_model **out,
                             cp_error *err);
+
+/* How a token of a cp_bpe_vocab is matched and decoded. */
+typedef enum cp_bpe_token_kind {
+    CP_BPE_TOKEN_NORMAL,       /* vocab-file spelling, reached by merges */
+    CP_BPE_TOKEN_CONTROL,      /* raw text matched as a whole, decoded to no text */
+    CP_BPE_TOKEN_USER_DEFINED, /* raw text matched as a whole, decoded to itself */
+} cp_bpe_token_kind;
+
+/* A string that need not be NUL-terminated. */
+typedef struct cp_bpe_token {
+    const char *text;
+    uint32_t len;
+    cp_bpe_token_kind kind; /* unused for merges */
+} cp_bpe_token;
+
+/* A vocabulary given as arrays, as GGUF files store it. Token i has id i.
+ * Everything is copied, so the arrays may be freed after cp_bpe_build. */
+typedef struct cp_bpe_vocab {
+    int32_t n_tokens;
+    const cp_bpe_token *tokens; /* n_tokens */
+    int32_t n_merges;
+    const cp_bpe_token *merges; /* n_merges "left right" strings in rank order */
+    int32_t eos_id;             /* -1: the token "<|endoftext|>" if present */
+
+    /* For messages: the names of the two arrays ("tokenizer.ggml.tokens")
+     * and what the user should do. */
+    const char *tokens_key;
+    const char *merges_key;
+    const char *hint;
+} cp_bpe_vocab;
+
+/* Builds a model from arrays with the checks the file loaders make: no
+ * empty or repeated token, and every merge names two tokens whose
+ * concatenation is a token. A defect is CP_ERR_INPUT with a message that
+ * starts with name and points at "tokens_key[i]" or "merges_key[i]". The
+ * pre-tokenizer is GPT-2's. */
+cp_status cp_bpe_build(const char *name, const cp_bpe_vocab *v, cp_bpe_model **out,
+                       cp_error *err);
 
 void cp_bpe_free(cp_bpe_model *m);
 

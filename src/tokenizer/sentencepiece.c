@@ -212,8 +212,14 @@ enum { MODEL_TYPE_UNIGRAM = 1, MODEL_TYPE_BPE = 2, MODEL_TYPE_WORD = 3, MODEL_TY
 typedef struct model_builder {
     cp_sp_model *m;
     int32_t cap;              /* allocated entries in m->pieces */
-    size_t *piece_offset;     /* byte offset of each piece message */
+    size_t *piece_offset;     /* byte offset of each piece message; NULL for arrays */
     size_t piece_text_bytes;  /* sum of piece lengths + NULs */
+
+    /* Message positions for a vocabulary built from arrays (cp_sp_build):
+     * the key of the piece texts and of the piece types. NULL for a file. */
+    const char *pieces_key;
+    const char *types_key;
+    const char *hint; /* what to do, at the end of every vocabulary message */
 
     /* TrainerSpec, with SentencePiece's defaults */
     uint64_t model_type;
@@ -580,6 +586,45 @@ static cp_status check_supported(const model_builder *b, const char *name, cp_er
     return CP_OK;
 }
 
+/* Fills err as "name: <where piece id is>: <what>; <hint>". The place is a
+ * byte offset in a .model file, or "key[id]" for arrays. */
+static cp_status piece_fail(const model_builder *b, const char *name, int32_t id, cp_error *err,
+                            const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+static cp_status piece_fail(const model_builder *b, const char *name, int32_t id, cp_error *err,
+                            const char *fmt, ...)
+{
+    char what[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    if (b->pieces_key)
+        return cp_error_set(err, CP_ERR_INPUT, "%s: %s[%d]: %s; %s", name, b->pieces_key, id,
+                            what, b->hint);
+    return cp_error_set(err, CP_ERR_INPUT, "%s: byte %zu: %s; %s", name, b->piece_offset[id],
+                        what, b->hint);
+}
+
+/* Like piece_fail for a defect of the vocabulary as a whole, which a .model
+ * file reports at byte 0 and arrays at the key of the piece types. */
+static cp_status vocab_fail(const model_builder *b, const char *name, cp_error *err,
+                            const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+static cp_status vocab_fail(const model_builder *b, const char *name, cp_error *err,
+                            const char *fmt, ...)
+{
+    char what[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    if (b->types_key)
+        return cp_error_set(err, CP_ERR_INPUT, "%s: %s: %s; %s", name, b->types_key, what,
+                            b->hint);
+    return cp_error_set(err, CP_ERR_INPUT, "%s: byte 0: %s; %s", name, what, b->hint);
+}
+
 /* Copies piece texts out of the file into one NUL-separated block. */
 static cp_status copy_piece_text(model_builder *b, cp_error *err)
 {
@@ -603,20 +648,22 @@ static cp_status copy_piece_text(model_builder *b, cp_error *err)
 static cp_status check_piece(const model_builder *b, const char *name, int32_t id, cp_error *err)
 {
     const cp_sp_piece *p = &b->m->pieces[id];
-    size_t offset = b->piece_offset[id];
     if (p->len == 0)
-        return model_fail(err, name, offset, "piece %d is empty; %s", id, NOT_A_MODEL);
+        return piece_fail(b, name, id, err, "piece %d is empty", id);
+    if (p->len >= MAX_PIECE_BYTES)
+        return piece_fail(b, name, id, err, "piece %d has %u bytes, expected at most %d", id,
+                          p->len, MAX_PIECE_BYTES - 1);
     if (memchr(p->text, '\0', p->len))
-        return model_fail(err, name, offset, "piece %d contains a NUL byte; %s", id, NOT_A_MODEL);
+        return piece_fail(b, name, id, err, "piece %d contains a NUL byte", id);
     if (p->type == CP_SP_PIECE_BYTE) {
         if (!b->m->byte_fallback)
-            return model_fail(err, name, offset,
+            return piece_fail(b, name, id, err,
                               "piece %d \"%s\" is a byte piece but trainer_spec.byte_fallback "
-                              "is off; %s", id, p->text, NOT_A_MODEL);
+                              "is off", id, p->text);
         if (byte_piece_value(p->text, p->len) < 0)
-            return model_fail(err, name, offset,
-                              "byte piece %d is \"%s\", expected <0x00> to <0xFF>; %s", id,
-                              p->text, NOT_A_MODEL);
+            return piece_fail(b, name, id, err,
+                              "byte piece %d is \"%s\", expected <0x00> to <0xFF>", id,
+                              p->text);
     }
     return CP_OK;
 }
@@ -698,15 +745,14 @@ static cp_status index_pieces(model_builder *b, const char *name, cp_error *err)
             m->max_piece_len = p->len;
         int32_t other = table_insert(m, id);
         if (other >= 0)
-            return model_fail(err, name, b->piece_offset[id],
-                              "piece %d \"%s\" repeats piece %d; %s", id, p->text, other,
-                              NOT_A_MODEL);
+            return piece_fail(b, name, id, err, "piece %d \"%s\" repeats piece %d", id,
+                              p->text, other);
 
         if (p->type == CP_SP_PIECE_UNKNOWN) {
             if (m->unk_id >= 0)
-                return model_fail(err, name, b->piece_offset[id],
-                                  "piece %d is a second UNKNOWN piece (piece %d is the first); "
-                                  "%s", id, m->unk_id, NOT_A_MODEL);
+                return piece_fail(b, name, id, err,
+                                  "piece %d is a second UNKNOWN piece (piece %d is the first)",
+                                  id, m->unk_id);
             m->unk_id = id;
         } else if (p->type == CP_SP_PIECE_BYTE) {
             m->byte_ids[byte_piece_value(p->text, p->len)] = id;
@@ -723,12 +769,12 @@ static cp_status index_pieces(model_builder *b, const char *name, cp_error *err)
     if (st)
         return st;
     if (m->unk_id < 0)
-        return model_fail(err, name, 0, "no piece has type UNKNOWN (2); %s", NOT_A_MODEL);
+        return vocab_fail(b, name, err, "no piece has type UNKNOWN (2)");
     for (int byte = 0; m->byte_fallback && byte < 256; byte++)
         if (m->byte_ids[byte] < 0)
-            return model_fail(err, name, 0,
-                              "trainer_spec.byte_fallback is on but piece <0x%02X> is missing; %s",
-                              byte, NOT_A_MODEL);
+            return vocab_fail(b, name, err,
+                              "trainer_spec.byte_fallback is on but piece <0x%02X> is missing",
+                              byte);
     return CP_OK;
 }
 
@@ -762,6 +808,53 @@ static cp_status model_build(model_builder *b, const char *name, cp_error *err)
     return CP_OK;
 }
 
+cp_status cp_sp_build(const char *name, const cp_sp_vocab *v, cp_sp_model **out, cp_error *err)
+{
+    *out = NULL;
+    CP_ASSERT(v->n_pieces > 0 && v->n_pieces <= MAX_PIECES);
+    cp_sp_model *m = calloc(1, sizeof *m);
+    if (m)
+        m->pieces = malloc((size_t)v->n_pieces * sizeof *m->pieces);
+    if (!m || !m->pieces) {
+        free(m);
+        return cp_error_nomem(err, "a SentencePiece vocabulary",
+                              (size_t)v->n_pieces * sizeof *m->pieces);
+    }
+    memcpy(m->pieces, v->pieces, (size_t)v->n_pieces * sizeof *m->pieces);
+    m->n_pieces = v->n_pieces;
+    memset(m->byte_ids, 0xff, sizeof m->byte_ids);
+    m->byte_fallback = v->byte_fallback;
+    m->add_dummy_prefix = v->add_dummy_prefix;
+    m->remove_extra_whitespaces = v->remove_extra_whitespaces;
+    m->escape_whitespaces = true;
+
+    model_builder b = {.m = m,
+                       .pieces_key = v->pieces_key,
+                       .types_key = v->types_key,
+                       .hint = v->hint ? v->hint : "rebuild the vocabulary"};
+    for (int32_t i = 0; i < m->n_pieces; i++) {
+        CP_ASSERT(m->pieces[i].type >= CP_SP_PIECE_NORMAL && m->pieces[i].type <= CP_SP_PIECE_BYTE);
+        b.piece_text_bytes += (size_t)m->pieces[i].len + 1;
+    }
+    cp_status st = copy_piece_text(&b, err);
+    if (!st)
+        st = index_pieces(&b, name, err);
+    if (st) {
+        cp_sp_free(m);
+        return st;
+    }
+
+    /* The caller names special pieces directly, so any type is accepted. */
+    int32_t special[3] = {v->bos_id, v->eos_id, v->pad_id};
+    for (int i = 0; i < 3; i++)
+        CP_ASSERT(special[i] >= -1 && special[i] < m->n_pieces);
+    m->bos_id = v->bos_id;
+    m->eos_id = v->eos_id;
+    m->pad_id = v->pad_id;
+    *out = m;
+    return CP_OK;
+}
+
 cp_status cp_sp_parse(const char *name, const uint8_t *data, size_t size, cp_sp_model **out,
                       cp_error *err)
 {
@@ -783,6 +876,7 @@ cp_status cp_sp_parse(const char *name, const uint8_t *data, size_t size, cp_sp_
 
     model_builder b = {
         .m = m,
+        .hint = NOT_A_MODEL,
         .model_type = MODEL_TYPE_UNIGRAM,
         .bos_id = 1,
         .eos_id = 2,

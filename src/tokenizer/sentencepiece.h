@@ -1,6 +1,8 @@
 /*
- * SentencePiece BPE tokenizer: reads a `tokenizer.model` protobuf file and
- * encodes and decodes text the way SentencePiece's BPE model does.
+ * SentencePiece BPE tokenizer: reads a `tokenizer.model` protobuf file, or
+ * builds the model from in-memory arrays (cp_sp_build, used for GGUF
+ * vocabularies), and encodes and decodes text the way SentencePiece's BPE
+ * model does.
  *
  * Supported: BPE models with the identity normalizer (remove_extra_whitespaces,
  * add_dummy_prefix, escape_whitespaces), byte fallback, USER_DEFINED pieces
@@ -77,6 +79,30 @@ cp_status cp_sp_load(const char *path, cp_sp_model **out, cp_error *err);
  * message. The model copies what it keeps, so data may be freed after. */
 cp_status cp_sp_parse(const char *name, const uint8_t *data, size_t size, cp_sp_model **out,
                       cp_error *err);
+
+/* A vocabulary given as arrays, as GGUF files store it. Piece i has id i;
+ * its text is copied, so it may be freed after cp_sp_build. */
+typedef struct cp_sp_vocab {
+    int32_t n_pieces;          /* 1 to 2^24 */
+    const cp_sp_piece *pieces; /* n_pieces, type 1 to 6 */
+    int32_t bos_id, eos_id, pad_id; /* -1 or a piece id (of any type) */
+    bool byte_fallback;
+    bool add_dummy_prefix;
+    bool remove_extra_whitespaces;
+
+    /* For messages: the name of the piece array and of the type array
+     * ("tokenizer.ggml.tokens"), and what the user should do. */
+    const char *pieces_key;
+    const char *types_key;
+    const char *hint;
+} cp_sp_vocab;
+
+/* Builds a model from arrays with the checks cp_sp_parse makes on a file's
+ * pieces: no empty, repeated or over-long piece, exactly one UNKNOWN piece,
+ * valid byte pieces, all 256 of them when byte_fallback is set. A defect is
+ * CP_ERR_INPUT with a message that starts with name and points at
+ * "pieces_key[id]". Spaces are escaped as "▁". */
+cp_status cp_sp_build(const char *name, const cp_sp_vocab *v, cp_sp_model **out, cp_error *err);
 
 void cp_sp_free(cp_sp_model *m);
 

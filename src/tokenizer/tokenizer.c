@@ -1,18 +1,17 @@
 /*
  * The tokenizer interface over the concrete tokenizers: SentencePiece BPE
  * (`tokenizer.model`) and GPT-2 style byte-level BPE (`tokenizer.json`, or
- * `vocab.json` + `merges.txt`). A folder is searched in that order. GGUF
- * files are recognized and rejected with a message saying that kind is not
- * supported yet.
+ * `vocab.json` + `merges.txt`). A folder is searched in that order. A GGUF
+ * file (by its extension or magic) yields either kind, built from its
+ * metadata by tokenizer_gguf.c.
  */
 #include "tokenizer/tokenizer.h"
 
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/file.h"
-#include "tokenizer/bpe.h"
-#include "tokenizer/sentencepiece.h"
 
 /* Exactly one of sp and bpe is set. */
 struct cp_tokenizer {
@@ -26,16 +25,8 @@ static int ends_with(const char *s, const char *suffix)
     return n >= k && strcmp(s + n - k, suffix) == 0;
 }
 
-static cp_status reject_kind(const char *path, const char *kind, cp_error *err)
-{
-    return cp_error_set(err, CP_ERR_INPUT,
-                        "%s: %s tokenizers are not supported yet; use a SentencePiece "
-                        "tokenizer.model",
-                        path, kind);
-}
-
 /* Loads a tokenizer file: tokenizer.json (any *.json) as byte-level BPE,
- * anything else as SentencePiece after rejecting GGUF. */
+ * a GGUF file from its metadata, anything else as SentencePiece. */
 static cp_status load_file(const char *path, cp_tokenizer *t, cp_error *err)
 {
     /* GPT-2's vocab.json and merges.txt only work as a pair, so name the folder. */
@@ -52,16 +43,17 @@ static cp_status load_file(const char *path, cp_tokenizer *t, cp_error *err)
                             "read; pass the SentencePiece tokenizer.model it was made from",
                             path);
 
+    if (ends_with(path, ".gguf"))
+        return cp_tokenizer_gguf_load(path, &t->sp, &t->bpe, err);
     cp_mapped_file f;
     cp_status st = cp_file_map(path, &f, err);
     if (st)
         return st;
-    if (ends_with(path, ".gguf") || (f.size >= 4 && memcmp(f.data, "GGUF", 4) == 0))
-        st = reject_kind(path, "GGUF vocabulary", err);
-    else
+    bool is_gguf = f.size >= 4 && memcmp(f.data, "GGUF", 4) == 0;
+    if (!is_gguf)
         st = cp_sp_parse(path, f.data, f.size, &t->sp, err);
     cp_mapped_file_free(&f);
-    return st;
+    return is_gguf ? cp_tokenizer_gguf_load(path, &t->sp, &t->bpe, err) : st;
 }
 
 /* Returns 1 if dir/name exists, or 0 if not or when out of memory. */

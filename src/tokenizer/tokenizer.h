@@ -2,9 +2,9 @@
  * Tokenizers behind one interface: text bytes to token ids and back.
  *
  * cp_tokenizer_load takes a SentencePiece `tokenizer.model`, a byte-level BPE
- * `tokenizer.json`, or a folder holding one of them or `vocab.json` +
- * `merges.txt`. GGUF vocabularies are not loaded yet and are rejected with a
- * message that states it.
+ * `tokenizer.json`, a GGUF file whose tokenizer.ggml.model is "llama" or
+ * "gpt2" (see tokenizer_gguf.c), or a folder holding `tokenizer.model`,
+ * `tokenizer.json` or `vocab.json` + `merges.txt`.
  */
 #ifndef CP_TOKENIZER_H
 #define CP_TOKENIZER_H
@@ -15,6 +15,19 @@
 #include "core/error.h"
 #include "cpeft.h"
 
+#include "tokenizer/bpe.h"
+#include "tokenizer/sentencepiece.h"
+
 /* The interface is public: see cp_tokenizer_* in include/cpeft.h. */
+
+/* Builds the tokenizer stored in a GGUF file's tokenizer.ggml.* metadata.
+ * On success exactly one of *sp and *bpe is set, and the caller owns it. */
+cp_status cp_tokenizer_gguf_load(const char *path, cp_sp_model **sp, cp_bpe_model **bpe,
+                                 cp_error *err);
+
+/* Sets *add_bos from the GGUF file's tokenizer.ggml.add_bos_token. Without
+ * the key it is 1 when t (loaded from path) has a BOS token, else 0. */
+cp_status cp_tokenizer_gguf_add_bos(const char *path, const cp_tokenizer *t, int *add_bos,
+                                    cp_error *err);
 
 #endif
