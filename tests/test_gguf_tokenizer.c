@@ -568,8 +568,8 @@ TEST(gguf_tok_rejects_unknown_kinds)
     check_writer_rejected(w, "tokenizer.ggml.model is \"bert\"", "\"llama\" (SentencePiece)");
 
     w = tiny_bpe("");
-    check_ok(cp_gguf_writer_set_str(w, "tokenizer.ggml.pre", "qwen2", &err), &err);
-    check_writer_rejected(w, "tokenizer.ggml.pre is \"qwen2\", expected \"gpt-2\"", NULL);
+    check_ok(cp_gguf_writer_set_str(w, "tokenizer.ggml.pre", "deepseek-llm", &err), &err);
+    check_writer_rejected(w, "tokenizer.ggml.pre is \"deepseek-llm\", expected \"gpt-2\"", NULL);
 
     w = tiny_bpe("");
     check_ok(cp_gguf_writer_set_str(w, "tokenizer.ggml.pre", "default", &err), &err);

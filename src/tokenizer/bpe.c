@@ -1,9 +1,9 @@
 /*
  * Byte-level BPE as in GPT-2. It contains the byte-to-unicode table that
- * vocab files use for raw bytes, a hand-written matcher for GPT-2's
- * pre-tokenizer regex, and rank-ordered merges with a binary heap, which take
- * O(n log n) per pre-token. It also loads tokenizer.json and vocab.json +
- * merges.txt.
+ * vocab files use for raw bytes, hand-written matchers for the pre-tokenizer
+ * regexes of GPT-2, Llama-3 and Qwen2 (no regex library), and rank-ordered
+ * merges with a binary heap, which take O(n log n) per pre-token. It also
+ * loads tokenizer.json and vocab.json + merges.txt.
  *
  * NOTE: letters and numbers come from a table of the general categories L*
  * and N* in Unicode 14.0, complete for that version; characters added later
@@ -324,6 +324,39 @@ static size_t contraction_len(const char *text, size_t len, size_t pos)
     return 0;
 }
 
+/* Returns the ASCII lowercase letter that the character at pos matches
+ * under Unicode simple case folding, or 0 for any other character. Only
+ * U+017F LATIN SMALL LETTER LONG S folds to an ASCII letter that a
+ * contraction uses (U+212A KELVIN SIGN folds to 'k', which none uses). */
+static char folded_ascii_at(const char *text, size_t len, size_t pos, size_t *n)
+{
+    int32_t cp;
+    *n = utf8_decode(text, len, pos, &cp);
+    if (cp >= 'A' && cp <= 'Z')
+        return (char)(cp - 'A' + 'a');
+    if (cp >= 'a' && cp <= 'z')
+        return (char)cp;
+    return cp == 0x17F ? 's' : 0;
+}
+
+/* Returns the length of a contraction matched case-insensitively, as
+ * (?i:'s|'t|'re|'ve|'m|'ll|'d) does, at pos, or 0. */
+static size_t contraction_len_any_case(const char *text, size_t len, size_t pos)
+{
+    if (text[pos] != '\'' || pos + 1 >= len)
+        return 0;
+    size_t n1, n2;
+    char a = folded_ascii_at(text, len, pos + 1, &n1);
+    if (a == 's' || a == 't' || a == 'm' || a == 'd')
+        return 1 + n1;
+    if (pos + 1 + n1 >= len)
+        return 0;
+    char b = folded_ascii_at(text, len, pos + 1 + n1, &n2);
+    if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l'))
+        return 1 + n1 + n2;
+    return 0;
+}
+
 /* Returns the end of the run of characters of class cls from pos on. For
  * CLASS_OTHER the run is every character that is not a space, letter or
  * number. */
@@ -335,13 +368,38 @@ static size_t run_end(const char *text, size_t len, size_t pos, char_class cls)
     return pos;
 }
 
-/* Tries the pattern's alternatives in order, as a backtracking regex would:
+static bool is_newline(char c)
+{
+    return c == '\r' || c == '\n';
+}
+
+/* Matches the whitespace alternatives at pos, where a space character
+ * starts. With newlines set (Llama-3 and Qwen2, whose \s*[\r\n]+ comes
+ * first), a run that contains '\r' or '\n' ends after its last one.
+ * Otherwise \s+(?!\S) | \s+ applies: the run gives up its last character
+ * when a non-space follows and the run has two or more characters, so that
+ * the last space can start the next word. */
+static size_t space_run_end(const char *text, size_t len, size_t pos, bool newlines)
+{
+    size_t end = pos, last = pos, n;
+    size_t after_newline = 0; /* 0: no newline in the run yet */
+    while (end < len && class_at(text, len, end, &n) == CLASS_SPACE) {
+        if (is_newline(text[end]))
+            after_newline = end + 1;
+        last = end;
+        end += n;
+    }
+    if (newlines && after_newline)
+        return after_newline;
+    if (end == len || last == pos)
+        return end;
+    return last;
+}
+
+/* Tries GPT-2's alternatives in order, as a backtracking regex would:
  *   's|'t|'re|'ve|'m|'ll|'d | ?\p{L}+ | ?\p{N}+ | ?[^\s\p{L}\p{N}]+
- *   | \s+(?!\S) | \s+
- * The last two take a run of spaces, minus its last character when a
- * non-space follows and the run has two or more characters, so that the
- * last space can start the next word. */
-size_t cp_bpe_pretoken_end(const char *text, size_t len, size_t pos)
+ *   | \s+(?!\S) | \s+ */
+static size_t gpt2_pretoken_end(const char *text, size_t len, size_t pos)
 {
     size_t n = contraction_len(text, len, pos);
     if (n)
@@ -353,15 +411,75 @@ size_t cp_bpe_pretoken_end(const char *text, size_t len, size_t pos)
     char_class cls = class_at(text, len, start, &n);
     if (cls != CLASS_SPACE)
         return run_end(text, len, start, cls);
+    return space_run_end(text, len, pos, false);
+}
 
-    size_t end = pos, last = pos;
-    while (end < len && class_at(text, len, end, &n) == CLASS_SPACE) {
-        last = end;
-        end += n;
+/* Returns the end of at most max_digits characters of class \p{N} from pos
+ * on, where one starts. */
+static size_t number_run_end(const char *text, size_t len, size_t pos, int max_digits)
+{
+    size_t n;
+    for (int i = 0; i < max_digits && pos < len; i++) {
+        if (class_at(text, len, pos, &n) != CLASS_NUMBER)
+            break;
+        pos += n;
     }
-    if (end == len || last == pos)
+    return pos;
+}
+
+/* Tries the Llama-3 alternatives in order, as a backtracking regex would:
+ *   (?i:'s|'t|'re|'ve|'m|'ll|'d) | [^\r\n\p{L}\p{N}]?\p{L}+ | \p{N}{1,3}
+ *   | ?[^\s\p{L}\p{N}]+[\r\n]* | \s*[\r\n]+ | \s+(?!\S) | \s+
+ * Qwen2's pattern is the same with \p{N} one at a time (max_digits 1). */
+static size_t llama3_pretoken_end(const char *text, size_t len, size_t pos, int max_digits)
+{
+    size_t n = contraction_len_any_case(text, len, pos);
+    if (n)
+        return pos + n;
+
+    /* A letter run, after at most one character that is not a newline,
+     * letter or number (a space, a tab or punctuation). */
+    size_t first_len, next_len;
+    char_class first = class_at(text, len, pos, &first_len);
+    if (first == CLASS_LETTER)
+        return run_end(text, len, pos, CLASS_LETTER);
+    if (first != CLASS_NUMBER && !is_newline(text[pos]) && pos + first_len < len &&
+        class_at(text, len, pos + first_len, &next_len) == CLASS_LETTER)
+        return run_end(text, len, pos + first_len, CLASS_LETTER);
+
+    if (first == CLASS_NUMBER)
+        return number_run_end(text, len, pos, max_digits);
+
+    /* Punctuation after an optional ' ', with the newlines that follow. */
+    size_t start = pos;
+    if (text[pos] == ' ' && pos + 1 < len)
+        start = pos + 1;
+    if (class_at(text, len, start, &n) == CLASS_OTHER) {
+        size_t end = run_end(text, len, start, CLASS_OTHER);
+        while (end < len && is_newline(text[end]))
+            end++;
         return end;
-    return last;
+    }
+    return space_run_end(text, len, pos, true);
+}
+
+size_t cp_bpe_pattern_pretoken_end(cp_bpe_pattern pattern, const char *text, size_t len,
+                                   size_t pos)
+{
+    switch (pattern) {
+    case CP_BPE_PATTERN_LLAMA3:
+        return llama3_pretoken_end(text, len, pos, 3);
+    case CP_BPE_PATTERN_QWEN2:
+        return llama3_pretoken_end(text, len, pos, 1);
+    case CP_BPE_PATTERN_GPT2:
+        break;
+    }
+    return gpt2_pretoken_end(text, len, pos);
+}
+
+size_t cp_bpe_pretoken_end(const char *text, size_t len, size_t pos)
+{
+    return gpt2_pretoken_end(text, len, pos);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -641,6 +759,12 @@ static cp_status build_tokens(cp_bpe_model *m, const char *path, const char *key
     return CP_OK;
 }
 
+static bool token_is(const cp_bpe_model *m, int32_t id, const char *text)
+{
+    size_t n = strlen(text);
+    return m->token_len[id] == n && memcmp(m->token_bytes + m->token_offset[id], text, n) == 0;
+}
+
 /* Looks up the single-byte tokens and indexes the added tokens (longest
  * first, so the longest match wins) and the EOS. */
 static cp_status index_tokens(cp_bpe_model *m, const int32_t *added_ids, int32_t n_added,
@@ -655,7 +779,8 @@ static cp_status index_tokens(cp_bpe_model *m, const int32_t *added_ids, int32_t
         return cp_error_nomem(err, "the added tokens", (size_t)n_added * sizeof *m->added_ids);
     m->n_added = n_added;
     m->eos_id = -1;
-    static const char EOS_TEXT[] = "<|endoftext|>";
+    m->bos_id = -1;
+    int32_t end_of_text = -1;
     for (int32_t i = 0; i < n_added; i++) {
         int32_t id = added_ids[i], j = i;
         while (j > 0 && m->token_len[m->added_ids[j - 1]] < m->token_len[id]) {
@@ -665,9 +790,13 @@ static cp_status index_tokens(cp_bpe_model *m, const int32_t *added_ids, int32_t
         m->added_ids[j] = id;
         const uint8_t *text = (const uint8_t *)m->token_bytes + m->token_offset[id];
         m->added_first[text[0] / 8] |= (uint8_t)(1u << (text[0] % 8));
-        if (m->token_len[id] == sizeof EOS_TEXT - 1 && memcmp(text, EOS_TEXT, sizeof EOS_TEXT - 1) == 0)
+        if (token_is(m, id, "<|endoftext|>"))
             m->eos_id = id;
+        if (token_is(m, id, "<|end_of_text|>"))
+            end_of_text = id;
     }
+    if (m->eos_id < 0)
+        m->eos_id = end_of_text; /* Llama-3's name for it */
     return CP_OK;
 }
 
@@ -799,29 +928,109 @@ static const char *json_type_name(const cJSON *obj)
     return cJSON_IsString(t) ? t->valuestring : "(no type)";
 }
 
-/* Rejects the tokenizer.json settings that this tokenizer does not
- * implement, so that no file is silently encoded differently. */
-static cp_status check_pipeline(const char *path, const cJSON *root, cp_error *err)
-{
-    const cJSON *norm = cJSON_GetObjectItemCaseSensitive(root, "normalizer");
-    if (!json_is_null_or_absent(norm))
-        return load_fail(err, path, "normalizer: type %s is not supported; only null is",
-                         json_type_name(norm));
-    const cJSON *pre = cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer");
-    if (!json_type_is(pre, "ByteLevel"))
-        return load_fail(err, path, "pre_tokenizer: type %s is not supported; only ByteLevel is",
-                         json_type_name(pre));
-    if (!cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(pre, "add_prefix_space")))
-        return load_fail(err, path, "pre_tokenizer.add_prefix_space: only false is supported");
-    const cJSON *regex = cJSON_GetObjectItemCaseSensitive(pre, "use_regex");
-    if (regex && !cJSON_IsTrue(regex))
-        return load_fail(err, path, "pre_tokenizer.use_regex: only true is supported");
-    const cJSON *dec = cJSON_GetObjectItemCaseSensitive(root, "decoder");
-    if (!json_is_null_or_absent(dec) && !json_type_is(dec, "ByteLevel"))
-        return load_fail(err, path, "decoder: type %s is not supported; only ByteLevel is",
-                         json_type_name(dec));
+/* The Split regexes of Meta-Llama-3's and Qwen2's tokenizer.json files,
+ * as the JSON strings decode. */
+static const char LLAMA3_REGEX[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
+    "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+static const char QWEN2_REGEX[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
+    "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
-    const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
+/* Checks a ByteLevel pre-tokenizer at key: no prefix space, and use_regex
+ * (absent means true) equal to want_regex. */
+static cp_status check_byte_level(const char *path, const char *key, const cJSON *pre,
+                                  bool want_regex, cp_error *err)
+{
+    if (!cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(pre, "add_prefix_space")))
+        return load_fail(err, path, "%s.add_prefix_space: only false is supported", key);
+    const cJSON *regex = cJSON_GetObjectItemCaseSensitive(pre, "use_regex");
+    bool use_regex = !regex || cJSON_IsTrue(regex);
+    if (use_regex != want_regex)
+        return load_fail(err, path, "%s.use_regex: only %s is supported %s", key,
+                         want_regex ? "true" : "false",
+                         want_regex ? "in a ByteLevel pre-tokenizer on its own (GPT-2)"
+                                    : "after a Split (Llama-3, Qwen2)");
+    return CP_OK;
+}
+
+/* Reads the Split pre-tokenizer at key, whose regex must be Llama-3's or
+ * Qwen2's, with behavior Isolated and no inversion. */
+static cp_status parse_split(const char *path, const char *key, const cJSON *split,
+                             cp_bpe_pattern *pattern, cp_error *err)
+{
+    const cJSON *regex =
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(split, "pattern"), "Regex");
+    if (!cJSON_IsString(regex))
+        return load_fail(err, path, "%s.pattern: expected {\"Regex\": ...} with the Llama-3 or "
+                         "Qwen2 pattern, found no Regex string", key);
+    if (strcmp(regex->valuestring, LLAMA3_REGEX) == 0)
+        *pattern = CP_BPE_PATTERN_LLAMA3;
+    else if (strcmp(regex->valuestring, QWEN2_REGEX) == 0)
+        *pattern = CP_BPE_PATTERN_QWEN2;
+    else
+        return load_fail(err, path, "%s.pattern.Regex is \"%.160s\", which is not supported; "
+                         "only the Llama-3 and Qwen2 patterns are", key, regex->valuestring);
+
+    const cJSON *behavior = cJSON_GetObjectItemCaseSensitive(split, "behavior");
+    if (!cJSON_IsString(behavior) || strcmp(behavior->valuestring, "Isolated") != 0)
+        return load_fail(err, path, "%s.behavior is %s%s%s, expected \"Isolated\"", key,
+                         cJSON_IsString(behavior) ? "\"" : "",
+                         cJSON_IsString(behavior) ? behavior->valuestring : "missing",
+                         cJSON_IsString(behavior) ? "\"" : "");
+    const cJSON *invert = cJSON_GetObjectItemCaseSensitive(split, "invert");
+    if (invert && !cJSON_IsFalse(invert))
+        return load_fail(err, path, "%s.invert: only false is supported", key);
+    return CP_OK;
+}
+
+/* Reads a Sequence pre-tokenizer, which must be [Split, ByteLevel]: the
+ * Llama-3 or Qwen2 regex, then the byte-to-unicode mapping without GPT-2's
+ * regex. */
+static cp_status parse_pre_sequence(const char *path, const cJSON *pre, cp_bpe_pattern *pattern,
+                                    cp_error *err)
+{
+    const cJSON *list = cJSON_GetObjectItemCaseSensitive(pre, "pretokenizers");
+    const cJSON *split = cJSON_GetArrayItem(list, 0), *byte_level = cJSON_GetArrayItem(list, 1);
+    if (!cJSON_IsArray(list) || cJSON_GetArraySize(list) != 2 || !json_type_is(split, "Split") ||
+        !json_type_is(byte_level, "ByteLevel")) {
+        char found[160] = "";
+        const cJSON *item;
+        cJSON_ArrayForEach(item, list)
+        {
+            size_t used = strlen(found);
+            snprintf(found + used, sizeof found - used, "%s%s", used ? ", " : "",
+                     json_type_name(item));
+        }
+        return load_fail(err, path, "pre_tokenizer.pretokenizers is [%s], expected [Split, "
+                         "ByteLevel] as in Llama-3 and Qwen2", found);
+    }
+    cp_status st = parse_split(path, "pre_tokenizer.pretokenizers[0]", split, pattern, err);
+    if (!st)
+        st = check_byte_level(path, "pre_tokenizer.pretokenizers[1]", byte_level, false, err);
+    return st;
+}
+
+/* Sets m->pattern from pre_tokenizer: ByteLevel with its regex (GPT-2) or
+ * a Sequence of Split and ByteLevel (Llama-3, Qwen2). */
+static cp_status parse_pre_tokenizer(cp_bpe_model *m, const char *path, const cJSON *root,
+                                     cp_error *err)
+{
+    const cJSON *pre = cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer");
+    if (json_type_is(pre, "ByteLevel")) {
+        m->pattern = CP_BPE_PATTERN_GPT2;
+        return check_byte_level(path, "pre_tokenizer", pre, true, err);
+    }
+    if (json_type_is(pre, "Sequence"))
+        return parse_pre_sequence(path, pre, &m->pattern, err);
+    return load_fail(err, path, "pre_tokenizer: type %s is not supported; only ByteLevel "
+                     "(GPT-2) and a Sequence of Split and ByteLevel (Llama-3, Qwen2) are",
+                     json_type_name(pre));
+}
+
+/* Checks the BPE model's settings and reads ignore_merges. */
+static cp_status check_model(cp_bpe_model *m, const char *path, const cJSON *model, cp_error *err)
+{
     if (!cJSON_IsObject(model))
         return load_fail(err, path, "model is missing or not a JSON object");
     if (!json_type_is(model, "BPE"))
@@ -834,11 +1043,83 @@ static cp_status check_pipeline(const char *path, const cJSON *root, cp_error *e
         if (!json_is_null_or_absent(v) && !(cJSON_IsString(v) && v->valuestring[0] == '\0'))
             return load_fail(err, path, "model.%s: only null is supported", must_be_empty[i]);
     }
-    static const char *const must_be_false[] = {"byte_fallback", "ignore_merges"};
-    for (size_t i = 0; i < sizeof must_be_false / sizeof *must_be_false; i++) {
-        const cJSON *v = cJSON_GetObjectItemCaseSensitive(model, must_be_false[i]);
-        if (v && !cJSON_IsFalse(v))
-            return load_fail(err, path, "model.%s: only false is supported", must_be_false[i]);
+    const cJSON *fallback = cJSON_GetObjectItemCaseSensitive(model, "byte_fallback");
+    if (fallback && !cJSON_IsFalse(fallback))
+        return load_fail(err, path, "model.byte_fallback: only false is supported");
+    const cJSON *ignore = cJSON_GetObjectItemCaseSensitive(model, "ignore_merges");
+    if (ignore && !cJSON_IsBool(ignore))
+        return load_fail(err, path, "model.ignore_merges: expected true or false");
+    m->ignore_merges = cJSON_IsTrue(ignore);
+    return CP_OK;
+}
+
+/* Rejects the tokenizer.json settings that this tokenizer does not
+ * implement, so that no file is silently encoded differently, and reads the
+ * pre-tokenizer pattern and ignore_merges into m. */
+static cp_status check_pipeline(cp_bpe_model *m, const char *path, const cJSON *root,
+                                cp_error *err)
+{
+    const cJSON *norm = cJSON_GetObjectItemCaseSensitive(root, "normalizer");
+    if (!json_is_null_or_absent(norm))
+        return load_fail(err, path, "normalizer: type %s is not supported; only null is",
+                         json_type_name(norm));
+    cp_status st = parse_pre_tokenizer(m, path, root, err);
+    if (st)
+        return st;
+    const cJSON *dec = cJSON_GetObjectItemCaseSensitive(root, "decoder");
+    if (!json_is_null_or_absent(dec) && !json_type_is(dec, "ByteLevel"))
+        return load_fail(err, path, "decoder: type %s is not supported; only ByteLevel is",
+                         json_type_name(dec));
+    return check_model(m, path, cJSON_GetObjectItemCaseSensitive(root, "model"), err);
+}
+
+/* Sets m->bos_id from a TemplateProcessing post-processor (at key) whose
+ * "single" template starts with a special token, as Llama-3's does.
+ * NOTE: special tokens later in the template (an appended EOS) are ignored. */
+static cp_status parse_template(cp_bpe_model *m, const char *path, const char *key,
+                                const cJSON *processor, cp_error *err)
+{
+    const cJSON *first = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(processor, "single"), 0);
+    const cJSON *special = cJSON_GetObjectItemCaseSensitive(first, "SpecialToken");
+    if (!special)
+        return CP_OK; /* the template starts with the text itself */
+    const cJSON *name = cJSON_GetObjectItemCaseSensitive(special, "id");
+    if (!cJSON_IsString(name))
+        return load_fail(err, path, "%s.single[0].SpecialToken.id is missing or not a string",
+                         key);
+    const cJSON *specials = cJSON_GetObjectItemCaseSensitive(processor, "special_tokens");
+    const cJSON *ids =
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(specials,
+                                                                          name->valuestring),
+                                         "ids");
+    int32_t id;
+    if (cJSON_GetArraySize(ids) != 1 || !json_index(cJSON_GetArrayItem(ids, 0), m->n_tokens, &id))
+        return load_fail(err, path, "%s.special_tokens[\"%.60s\"].ids: expected one token id in "
+                         "0..%d", key, name->valuestring, m->n_tokens - 1);
+    m->bos_id = id;
+    return CP_OK;
+}
+
+/* Reads the BOS token from post_processor: a TemplateProcessing, alone or
+ * in a Sequence. Other post-processors (GPT-2's ByteLevel) add no tokens. */
+static cp_status parse_post_processor(cp_bpe_model *m, const char *path, const cJSON *root,
+                                      cp_error *err)
+{
+    const cJSON *post = cJSON_GetObjectItemCaseSensitive(root, "post_processor");
+    if (json_type_is(post, "TemplateProcessing"))
+        return parse_template(m, path, "post_processor", post, err);
+    if (!json_type_is(post, "Sequence"))
+        return CP_OK;
+    int index = 0;
+    const cJSON *item;
+    cJSON_ArrayForEach(item, cJSON_GetObjectItemCaseSensitive(post, "processors"))
+    {
+        if (json_type_is(item, "TemplateProcessing")) {
+            char key[64];
+            snprintf(key, sizeof key, "post_processor.processors[%d]", index);
+            return parse_template(m, path, key, item, err);
+        }
+        index++;
     }
     return CP_OK;
 }
@@ -930,7 +1211,7 @@ static cp_status build_from_json(cp_bpe_model *m, const char *path, const cJSON 
 {
     if (!cJSON_IsObject(root))
         return load_fail(err, path, "the file is not a JSON object");
-    cp_status st = check_pipeline(path, root, err);
+    cp_status st = check_pipeline(m, path, root, err);
     if (st)
         return st;
     added_token *added = NULL;
@@ -949,6 +1230,8 @@ static cp_status build_from_json(cp_bpe_model *m, const char *path, const cJSON 
         st = index_tokens(m, ids, n_added, err);
     if (!st)
         st = load_json_merges(m, path, model, err);
+    if (!st)
+        st = parse_post_processor(m, path, root, err);
     free(ids);
     free(added);
     return st;
@@ -1111,8 +1394,15 @@ cp_status cp_bpe_build(const char *name, const cp_bpe_vocab *v, cp_bpe_model **o
         st = index_tokens(m, added, n_added, err);
     if (!st && v->eos_id >= 0)
         m->eos_id = v->eos_id;
-    if (!st)
+    if (!st && v->add_bos) {
+        CP_ASSERT(v->bos_id >= 0 && v->bos_id < v->n_tokens);
+        m->bos_id = v->bos_id;
+    }
+    if (!st) {
+        m->pattern = v->pattern;
+        m->ignore_merges = v->ignore_merges;
         st = put_vocab_merges(m, name, v, err);
+    }
     free(added);
     if (st) {
         cp_bpe_free(m);
@@ -1254,18 +1544,25 @@ static void merge_pretoken(merge_state *s, size_t n, int32_t *out, size_t *n_out
 static cp_status encode_plain(merge_state *s, const char *text, size_t len, int32_t *out,
                               size_t *n_out, cp_error *err)
 {
+    const cp_bpe_model *m = s->m;
     for (size_t pos = 0; pos < len;) {
-        size_t end = cp_bpe_pretoken_end(text, len, pos), n = end - pos;
+        size_t end = cp_bpe_pattern_pretoken_end(m->pattern, text, len, pos), n = end - pos;
         if (n > INT32_MAX)
             return cp_error_set(err, CP_ERR_INPUT,
                                 "byte %zu of the text: a run of %zu bytes without a break is "
                                 "too long to encode (the limit is 2 GiB)", pos, n);
+        int32_t whole = m->ignore_merges ? lookup_token(m, text + pos, n) : -1;
+        if (whole >= 0) {
+            out[(*n_out)++] = whole;
+            pos = end;
+            continue;
+        }
         cp_status st = state_reserve(s, n, err);
         if (st)
             return st;
         for (size_t i = 0; i < n; i++) {
             uint8_t byte = (uint8_t)text[pos + i];
-            s->id[i] = s->m->byte_ids[byte];
+            s->id[i] = m->byte_ids[byte];
             if (s->id[i] < 0)
                 return cp_error_set(err, CP_ERR_INPUT,
                                     "byte %zu of the text: byte 0x%02X has no token in the "

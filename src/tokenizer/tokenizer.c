@@ -130,7 +130,7 @@ int cp_tokenizer_vocab_size(const cp_tokenizer *t)
 
 int32_t cp_tokenizer_bos_id(const cp_tokenizer *t)
 {
-    return t->sp ? t->sp->bos_id : -1;
+    return t->sp ? t->sp->bos_id : t->bpe->bos_id;
 }
 
 int32_t cp_tokenizer_eos_id(const cp_tokenizer *t)
@@ -143,19 +143,22 @@ cp_status cp_tokenizer_encode(const cp_tokenizer *t, const char *text, size_t le
 {
     *ids = NULL;
     *n_ids = 0;
-    /* GPT-2 style tokenizers have no BOS and their models expect none, so
-     * add_bos is ignored for them; a SentencePiece model without BOS
+    /* Byte-level BPE adds BOS only where its post-processor names one
+     * (Llama-3's <|begin_of_text|>); GPT-2 has none and its models expect
+     * none, so add_bos is ignored there. A SentencePiece model without BOS
      * rejects the request. */
-    if (t->bpe)
+    int32_t bos = cp_tokenizer_bos_id(t);
+    if (t->bpe && bos < 0)
         return cp_bpe_encode(t->bpe, text, len, ids, n_ids, err);
-    if (add_bos && t->sp->bos_id < 0)
+    if (add_bos && bos < 0)
         return cp_error_set(err, CP_ERR_INPUT,
                             "a BOS token was requested but the tokenizer has none; encode "
                             "without BOS");
 
     int32_t *body;
     size_t n;
-    cp_status st = cp_sp_encode(t->sp, text, len, &body, &n, err);
+    cp_status st = t->bpe ? cp_bpe_encode(t->bpe, text, len, &body, &n, err)
+                          : cp_sp_encode(t->sp, text, len, &body, &n, err);
     if (st || !add_bos) {
         *ids = body;
         *n_ids = n;
@@ -168,7 +171,7 @@ cp_status cp_tokenizer_encode(const cp_tokenizer *t, const char *text, size_t le
         return cp_error_nomem(err, "token ids", (n + 1) * sizeof *with_bos);
     }
     memmove(with_bos + 1, with_bos, n * sizeof *with_bos);
-    with_bos[0] = t->sp->bos_id;
+    with_bos[0] = bos;
     *ids = with_bos;
     *n_ids = n + 1;
     return CP_OK;

@@ -5,10 +5,11 @@
  * tokenizer.ggml.model "llama" becomes a SentencePiece BPE model (tokens,
  * scores, token_type, the special token ids, add_space_prefix,
  * remove_extra_whitespaces). "gpt2" becomes byte-level BPE (tokens,
- * token_type, merges) and requires tokenizer.ggml.pre "gpt-2", because the
- * BPE code implements only GPT-2's pre-tokenizer. Every other model or
- * pre-tokenizer is rejected. Counts, types, ids and merges are checked, and
- * a defect is CP_ERR_INPUT naming the file, the key and the element index.
+ * token_type, merges) with the pre-tokenizer that tokenizer.ggml.pre names:
+ * "gpt-2", the Llama-3 group ("llama-bpe", "llama3", "llama-v3") or
+ * "qwen2", the ones bpe.c implements. Every other model or pre-tokenizer is
+ * rejected. Counts, types, ids and merges are checked, and a defect is
+ * CP_ERR_INPUT naming the file, the key and the element index.
  *
  * NOTE: tokenizer.ggml.add_eos_token is checked for its type but not
  * applied: encoding never appends EOS.
@@ -227,8 +228,29 @@ static cp_status load_sentencepiece(const gguf_vocab *v, cp_sp_model **out, cp_e
 
 /* ---- gpt2: byte-level BPE ---- */
 
-/* Accepts tokenizer.ggml.pre "gpt-2" only. */
-static cp_status check_bpe_pre(const gguf_vocab *v, cp_error *err)
+/* A tokenizer.ggml.pre value that bpe.c implements, with the settings that
+ * llama.cpp's src/llama-vocab.cpp (2025) gives it. The Llama-3 group ignores
+ * merges for whole-token pre-tokens and adds BOS unless add_bos_token is
+ * false. */
+typedef struct bpe_pre {
+    const char *name;
+    cp_bpe_pattern pattern;
+    bool ignore_merges;
+    bool add_bos;
+} bpe_pre;
+
+static const bpe_pre BPE_PRES[] = {
+    {"gpt-2", CP_BPE_PATTERN_GPT2, false, false},
+    {"llama-bpe", CP_BPE_PATTERN_LLAMA3, true, true},
+    {"llama3", CP_BPE_PATTERN_LLAMA3, true, true},
+    {"llama-v3", CP_BPE_PATTERN_LLAMA3, true, true},
+    {"qwen2", CP_BPE_PATTERN_QWEN2, false, false},
+};
+
+#define SUPPORTED_PRES "\"gpt-2\", \"llama-bpe\", \"llama3\", \"llama-v3\" or \"qwen2\""
+
+/* Finds tokenizer.ggml.pre in BPE_PRES. */
+static cp_status read_bpe_pre(const gguf_vocab *v, const bpe_pre **out, cp_error *err)
 {
     cp_gguf_str pre = {"", 0};
     if (cp_gguf_find_kv(v->g, KEY_PRE)) {
@@ -236,19 +258,23 @@ static cp_status check_bpe_pre(const gguf_vocab *v, cp_error *err)
         if (st)
             return st;
     }
-    if (str_is(pre, "gpt-2"))
-        return CP_OK;
+    for (size_t i = 0; i < sizeof BPE_PRES / sizeof *BPE_PRES; i++) {
+        if (str_is(pre, BPE_PRES[i].name)) {
+            *out = &BPE_PRES[i];
+            return CP_OK;
+        }
+    }
     if (pre.len == 0 || str_is(pre, "default"))
         return cp_error_set(err, CP_ERR_INPUT,
                             "%s: %s is %s, which in llama.cpp selects its generic BPE "
-                            "pre-tokenizer, not GPT-2's; only \"gpt-2\" is supported for %s "
-                            "\"gpt2\"; %s",
+                            "pre-tokenizer, not GPT-2's; only " SUPPORTED_PRES " are supported "
+                            "for %s \"gpt2\"; %s",
                             v->path, KEY_PRE, pre.len ? "\"default\"" : "absent", KEY_MODEL,
                             HINT);
     return cp_error_set(err, CP_ERR_INPUT,
-                        "%s: %s is \"%.*s\", expected \"gpt-2\", the only byte-level BPE "
-                        "pre-tokenizer implemented; use the model's tokenizer.json if it has "
-                        "a ByteLevel pre-tokenizer",
+                        "%s: %s is \"%.*s\", expected " SUPPORTED_PRES ", the byte-level BPE "
+                        "pre-tokenizers implemented; use the model's tokenizer.json if it has "
+                        "one of them",
                         v->path, KEY_PRE, print_len(pre), pre.data);
 }
 
@@ -304,9 +330,26 @@ static cp_status read_bpe_merges(const gguf_vocab *v, cp_bpe_vocab *bv, cp_bpe_t
     return CP_OK;
 }
 
+/* Sets bv's BOS from add_bos_token (pre's default when absent) and
+ * bos_token_id. A requested BOS without bos_token_id is CP_ERR_INPUT. */
+static cp_status read_bpe_bos(const gguf_vocab *v, const bpe_pre *pre, cp_bpe_vocab *bv,
+                              cp_error *err)
+{
+    cp_status st = read_flag(v->g, KEY_ADD_BOS, pre->add_bos, &bv->add_bos, err);
+    if (!st)
+        st = read_token_id(v, KEY_BOS, &bv->bos_id, err);
+    if (!st && bv->add_bos && bv->bos_id < 0)
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: %s is missing, but BOS is requested by %s or, without that "
+                            "key, by %s \"%s\"; %s",
+                            v->path, KEY_BOS, KEY_ADD_BOS, KEY_PRE, pre->name, HINT);
+    return st;
+}
+
 static cp_status load_bpe(const gguf_vocab *v, cp_bpe_model **out, cp_error *err)
 {
-    cp_status st = check_bpe_pre(v, err);
+    const bpe_pre *pre = NULL;
+    cp_status st = read_bpe_pre(v, &pre, err);
     if (st)
         return st;
     cp_bpe_token *tokens = malloc((size_t)v->n_tokens * sizeof *tokens);
@@ -314,17 +357,18 @@ static cp_status load_bpe(const gguf_vocab *v, cp_bpe_model **out, cp_error *err
         return cp_error_nomem(err, "the vocabulary", (size_t)v->n_tokens * sizeof *tokens);
     cp_bpe_token *merges = NULL;
     cp_bpe_vocab bv = {.n_tokens = v->n_tokens, .tokens = tokens, .tokens_key = KEY_TOKENS,
-                       .merges_key = KEY_MERGES, .hint = HINT};
+                       .merges_key = KEY_MERGES, .hint = HINT, .pattern = pre->pattern,
+                       .ignore_merges = pre->ignore_merges};
     int32_t unused;
     st = read_bpe_tokens(v, tokens, err);
     if (!st)
         st = read_bpe_merges(v, &bv, &merges, err);
-    /* BOS, unknown and padding are checked but unused: GPT-2 style
-     * encoding adds no BOS and has no unknown token. */
+    /* Unknown and padding are checked but unused: byte-level BPE has no
+     * unknown token. */
     if (!st)
         st = read_token_id(v, KEY_EOS, &bv.eos_id, err);
     if (!st)
-        st = read_token_id(v, KEY_BOS, &unused, err);
+        st = read_bpe_bos(v, pre, &bv, err);
     if (!st)
         st = read_token_id(v, KEY_UNK, &unused, err);
     if (!st)
@@ -407,7 +451,8 @@ cp_status cp_tokenizer_gguf_add_bos(const char *path, const cp_tokenizer *t, int
         return st;
     bool flag;
     /* Without the key, llama.cpp adds BOS for SentencePiece vocabularies
-     * only; here also only when the vocabulary names a BOS token. */
+     * and for the Llama-3 group of BPE ones. Here the default is 1 only when
+     * cp_tokenizer_bos_id names a token, and it is -1 for byte-level BPE. */
     st = read_flag(g, KEY_ADD_BOS, cp_tokenizer_bos_id(t) >= 0, &flag, err);
     if (!st)
         *add_bos = flag;
