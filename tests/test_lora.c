@@ -35,14 +35,17 @@ static double loss_of(cp_model *m, cp_forward_buffers *fb, cp_backward_buffers *
     return total / N;
 }
 
-/* Checks LoRA's gradients on all seven projections of a small random model. */
-static void check_lora_gradients(const char *model_dir)
+/* Checks LoRA's gradients on all seven projections of a small random model,
+ * with float32 projections or (nf4) QLoRA's NF4 ones. */
+static void check_lora_gradients(const char *model_dir, int nf4)
 {
     cp_model *m = NULL;
     cp_error err = {0};
     CHECK_MSG(cp_model_load(model_dir, &m, &err) == CP_OK, "%s", err.msg);
     if (!m)
         return;
+    if (nf4)
+        CHECK_MSG(cp_model_quantize_nf4(m, 0, &err) == CP_OK, "%s", err.msg);
     cp_lora lora;
     cp_lora_params p = cp_lora_default_params();
     p.r = 3;
@@ -97,10 +100,18 @@ static void check_lora_gradients(const char *model_dir)
 
 TEST(lora_gradients_match_finite_differences)
 {
-    check_lora_gradients("tests/fixtures/tiny-mistral"); /* sliding window, GQA */
-    check_lora_gradients("tests/fixtures/tiny-qwen2");   /* q/k/v biases, tied head */
-    check_lora_gradients("tests/fixtures/tiny-llama-bias");
-    check_lora_gradients("tests/fixtures/tiny-gpt2"); /* LayerNorm, GELU, fused Conv1D */
+    check_lora_gradients("tests/fixtures/tiny-mistral", 0); /* sliding window, GQA */
+    check_lora_gradients("tests/fixtures/tiny-qwen2", 0);   /* q/k/v biases, tied head */
+    check_lora_gradients("tests/fixtures/tiny-llama-bias", 0);
+    check_lora_gradients("tests/fixtures/tiny-gpt2", 0); /* LayerNorm, GELU, fused Conv1D */
+}
+
+/* QLoRA: the same check with every projection in NF4 (GPT-2's Conv1D
+ * weights transposed before quantizing). */
+TEST(qlora_gradients_match_finite_differences)
+{
+    check_lora_gradients("tests/fixtures/tiny-qwen2", 1);
+    check_lora_gradients("tests/fixtures/tiny-gpt2", 1);
 }
 
 TEST(lora_save_load_round_trip)
@@ -206,7 +217,7 @@ TEST(train_is_deterministic)
     char inspect_args[600], *shown = NULL;
     snprintf(inspect_args, sizeof inspect_args, "inspect '%s'", out1);
     CHECK_EQ_INT(test_run_cli(inspect_args, NULL, &shown, NULL), 0);
-    CHECK_MSG(strstr(shown, "method              LORA") != NULL, "%s", shown);
+    CHECK_MSG(strstr(shown, "method              lora (PEFT LORA)") != NULL, "%s", shown);
     CHECK_MSG(strstr(shown, "trainable params    8960 (3.446% of the base's 260032)") != NULL,
               "%s", shown);
     CHECK_MSG(strstr(shown, "steps trained       3") != NULL, "%s", shown);
@@ -247,7 +258,7 @@ TEST(train_rejects_bad_input)
     char extra[1024];
     check_train_error(dir, "--target q_proj,qkv_proj", "unknown target module \"qkv_proj\"");
     check_train_error(dir, "--seq-len 600", "600");
-    check_train_error(dir, "--method prefix", "unknown --method \"prefix\"");
+    check_train_error(dir, "--method loha", "unknown --method \"loha\"");
     check_train_error(dir, "--r 0", "r must be positive");
     check_train_error(dir, "--schedule exp", "exp");
     snprintf(extra, sizeof extra, "--eval-data '%s'", empty);
@@ -324,7 +335,7 @@ TEST(adapter_load_rejects_mismatches)
                         0, "missing tensor");
     check_adapter_error("{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 16, "
                         "\"use_dora\": true, \"target_modules\": [\"q_proj\", \"v_proj\"]}",
-                        0, "\"use_dora\" is set");
+                        0, "q_proj.lora_magnitude_vector\" that adapter_config.json implies");
     check_adapter_error("{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 16, "
                         "\"target_modules\": [\"q_proj\", \"v_proj\"], \"task_type\": \"TOKEN_CLS\"}",
                         0, "task_type TOKEN_CLS");

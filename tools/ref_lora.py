@@ -23,6 +23,17 @@ src/peft/config.py for PeftConfigMixin.from_peft_type):
 The saved tensors drop the adapter name ("default"), so the keys read
 base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight.
 
+DoRA (use_dora; read in huggingface/peft src/peft/tuners/lora/dora.py for
+DoraLinearLayer.get_weight_norm, update_layer and forward, variants.py for
+DoraLinearVariant.forward, save_and_load.py for the magnitude's saved name):
+    norm = ||W + scaling * B @ A|| per output row (dim 1 of the (out, in) weight), detached
+    g = lora_magnitude_vector / norm
+    y = W x + b + (g - 1) * (W dropout(x)) + g * lora_B(lora_A(dropout(x))) * scaling
+    lora_magnitude_vector (out,): initialized to norm, saved as
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_magnitude_vector
+Without dropout (or at evaluation) PEFT takes W x from the base result minus
+the bias, which is the same value.
+
 Precision: make-step-fixture and eval-adapter compute in float64 from the
 stored float32 weights, so the fixture values are the exact-math result of
 those weights. train computes in float32, as cpeft trains, and evaluates in
@@ -48,10 +59,16 @@ file is ASCII, so characters are bytes):
         --train /tmp/ts_train.txt --eval /tmp/ts_eval.txt --r 8 --alpha 16 \
         --target q_proj,k_proj,v_proj,o_proj --steps 200 --batch-size 8 --seq-len 128 --lr 3e-3
 
+The DoRA fixture (tests/fixtures/dora/step/, with rsLoRA gradients too):
+
+    /usr/bin/python3 tools/ref_lora.py make-step-fixture --dora
+
 Subcommands:
-    make-step-fixture  writes tests/fixtures/lora_step/ (adapter, batch, gradients, losses)
+    make-step-fixture  writes tests/fixtures/lora_step/ (adapter, batch, gradients, losses),
+                       or with --dora tests/fixtures/dora/step/
     eval-adapter       loss and perplexity of base + adapter over consecutive windows of token ids
-    train              LoRA training with AdamW and a cosine schedule; prints the eval loss before and after
+    train              LoRA (or --dora) training with AdamW and a cosine schedule; prints the eval loss
+                       before and after
 """
 
 import argparse
@@ -120,8 +137,24 @@ def projection_shape(cfg, name):
 
 
 def peft_key(layer, name, matrix):
-    """Return the tensor name PEFT saves for lora_A or lora_B (matrix "A" or "B") of one projection."""
+    """Return the tensor name PEFT saves for lora_A, lora_B or the DoRA magnitude (matrix "A", "B" or "M")."""
+    if matrix == "M":
+        return f"base_model.model.model.layers.{layer}.{PROJECTION_PATHS[name]}.lora_magnitude_vector"
     return f"base_model.model.model.layers.{layer}.{PROJECTION_PATHS[name]}.lora_{matrix}.weight"
+
+
+def dora_weight_norm(weight, a, b, scaling):
+    """Return ||W + scaling * B @ A|| per output row of a (out, in) weight, detached as PEFT detaches it."""
+    return torch.linalg.norm(weight + (b @ a) * scaling, dim=1).detach()
+
+
+def dora_delta(base, low_rank, magnitude, norm):
+    """Return DoRA's addition to the base result: (g - 1) * base + g * low_rank with g = magnitude / norm.
+
+    base is x_dropped @ W.T without the bias, low_rank is scaling * B A x_dropped.
+    """
+    g = magnitude / norm
+    return (g - 1.0) * base + g * low_rank
 
 
 # ---------------------------------------------------------------------------
@@ -137,36 +170,58 @@ class LoraAdapter:
     the loss with respect to them.
     """
 
-    def __init__(self, r, alpha, use_rslora, targets, pairs, dropout=0.0):
+    def __init__(self, r, alpha, use_rslora, targets, pairs, dropout=0.0, magnitudes=None):
         self.r = r
         self.alpha = alpha
         self.use_rslora = use_rslora
         self.targets = list(targets)
         self.pairs = pairs
         self.dropout = dropout
+        # DoRA: (layer, name) -> magnitude (out,), or None for plain LoRA.
+        self.magnitudes = magnitudes
+        # DoRA: (layer, name) -> a norm that forward uses instead of computing
+        # it, so that finite differences see the norm as the constant PEFT's
+        # backward pass treats it as. None: computed from A and B.
+        self.frozen_norms = None
+
+    @property
+    def use_dora(self):
+        return self.magnitudes is not None
 
     @property
     def scaling(self):
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
     def tensors(self):
-        """Return the tensors in a fixed order: layer, then projection, then A before B."""
-        return [t for key in sorted(self.pairs, key=pair_order) for t in self.pairs[key]]
+        """Return the tensors in a fixed order: layer, then projection, then A, B and the DoRA magnitude."""
+        order = sorted(self.pairs, key=pair_order)
+        if self.use_dora:
+            return [t for key in order for t in (*self.pairs[key], self.magnitudes[key])]
+        return [t for key in order for t in self.pairs[key]]
+
+    def named_tensors(self):
+        """Return {PEFT tensor name: tensor}."""
+        named = {}
+        for (layer, name), (a, b) in self.pairs.items():
+            named[peft_key(layer, name, "A")] = a
+            named[peft_key(layer, name, "B")] = b
+            if self.use_dora:
+                named[peft_key(layer, name, "M")] = self.magnitudes[(layer, name)]
+        return named
 
     def state_dict(self):
         """Return {PEFT tensor name: float32 numpy array}."""
-        arrays = {}
-        for (layer, name), (a, b) in self.pairs.items():
-            arrays[peft_key(layer, name, "A")] = a.detach().to(torch.float32).numpy()
-            arrays[peft_key(layer, name, "B")] = b.detach().to(torch.float32).numpy()
-        return arrays
+        return {key: t.detach().to(torch.float32).numpy() for key, t in self.named_tensors().items()}
 
     def with_dtype(self, dtype, use_rslora=None):
         """Return a detached copy in another dtype, optionally with use_rslora changed."""
         pairs = {key: (a.detach().to(dtype).clone(), b.detach().to(dtype).clone())
                  for key, (a, b) in self.pairs.items()}
+        magnitudes = None
+        if self.use_dora:
+            magnitudes = {key: m.detach().to(dtype).clone() for key, m in self.magnitudes.items()}
         rslora = self.use_rslora if use_rslora is None else use_rslora
-        return LoraAdapter(self.r, self.alpha, rslora, self.targets, pairs, self.dropout)
+        return LoraAdapter(self.r, self.alpha, rslora, self.targets, pairs, self.dropout, magnitudes)
 
 
 def pair_order(key):
@@ -197,12 +252,33 @@ def init_adapter(cfg, r, alpha, targets, generator, b_std=0.0, use_rslora=False,
     return LoraAdapter(r, alpha, use_rslora, targets, pairs, dropout)
 
 
+def add_dora_magnitudes(adapter, weights, generator=None, spread=0.0):
+    """Give the adapter DoRA magnitudes: PEFT's initial row norms of W + scaling B A.
+
+    With spread > 0 each entry is then multiplied by a factor from
+    U(1 - spread, 1 + spread) drawn from `generator`, so that the magnitude
+    differs from the norm and its gradient paths are all non-trivial.
+    """
+    adapter.magnitudes = {}
+    for key in sorted(adapter.pairs, key=pair_order):
+        layer, name = key
+        a, b = adapter.pairs[key]
+        weight = weights[f"model.layers.{layer}.{PROJECTION_PATHS[name]}.weight"].to(a.dtype)
+        magnitude = dora_weight_norm(weight, a, b, adapter.scaling).clone()
+        if spread > 0.0:
+            factors = torch.empty(magnitude.shape, dtype=torch.float64).uniform_(1 - spread, 1 + spread,
+                                                                                  generator=generator)
+            magnitude = magnitude * factors.to(magnitude.dtype)
+        adapter.magnitudes[key] = magnitude
+    return adapter
+
+
 # ---------------------------------------------------------------------------
 # adapter_config.json
 # ---------------------------------------------------------------------------
 
 
-def peft_adapter_config(r, alpha, targets, dropout, use_rslora, base_model):
+def peft_adapter_config(r, alpha, targets, dropout, use_rslora, base_model, use_dora=False):
     """Return the adapter_config.json that PEFT 0.10.0 writes for a LoRA on a causal LM.
 
     The keys are those of a LoRA adapter saved by PEFT 0.10.0. PEFT before
@@ -236,7 +312,7 @@ def peft_adapter_config(r, alpha, targets, dropout, use_rslora, base_model):
         "revision": None,
         "target_modules": list(targets),
         "task_type": "CAUSAL_LM",
-        "use_dora": False,
+        "use_dora": use_dora,
         "use_rslora": use_rslora,
     }
 
@@ -245,7 +321,7 @@ def save_peft_adapter(out_dir, adapter, base_model):
     """Write adapter_config.json and an F32 adapter_model.safetensors in PEFT's layout."""
     os.makedirs(out_dir, exist_ok=True)
     config = peft_adapter_config(adapter.r, adapter.alpha, adapter.targets, adapter.dropout, adapter.use_rslora,
-                                 base_model)
+                                 base_model, adapter.use_dora)
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         # PEFT writes json.dumps(config, indent=2, sort_keys=True), without a final newline.
         f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -255,7 +331,7 @@ def save_peft_adapter(out_dir, adapter, base_model):
 # Config keys eval-adapter applies, and keys that do not change the forward
 # pass of a saved adapter (dropout is off at evaluation, and the base model
 # comes from --model).
-APPLIED_CONFIG_KEYS = {"peft_type", "r", "lora_alpha", "use_rslora", "target_modules"}
+APPLIED_CONFIG_KEYS = {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules"}
 INERT_CONFIG_KEYS = {"base_model_name_or_path", "revision", "inference_mode", "lora_dropout", "auto_mapping",
                      "megatron_core", "peft_version", "qalora_group_size"}
 
@@ -273,10 +349,11 @@ def is_default_value(value):
 def validate_adapter_config(config, path):
     """Raise ValueError unless the config is a plain LoRA that eval-adapter can apply.
 
-    eval-adapter applies r, lora_alpha, use_rslora and target_modules. Every
-    other key must be inert or hold its "off" value, so that an adapter using
-    DoRA, biases, rank_pattern, layers_to_transform, modules_to_save or any
-    other feature fails here instead of giving a wrong loss.
+    eval-adapter applies r, lora_alpha, use_rslora, use_dora and
+    target_modules. Every other key must be inert or hold its "off" value, so
+    that an adapter using biases, rank_pattern, layers_to_transform,
+    modules_to_save or any other feature fails here instead of giving a wrong
+    loss.
     """
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
@@ -296,7 +373,8 @@ def validate_adapter_config(config, path):
             continue
         if not is_default_value(value):
             raise ValueError(f"{path}: {key} is {value!r}, which this reference does not implement. It applies "
-                             "only r, lora_alpha, use_rslora and target_modules, and every other key must be off; "
+                             "only r, lora_alpha, use_rslora, use_dora and target_modules, and every other key "
+                             "must be off; "
                              "evaluate this adapter with PEFT itself")
 
 
@@ -348,7 +426,8 @@ def load_peft_adapter(adapter_dir, cfg, dtype):
     weights_path = os.path.join(adapter_dir, "adapter_model.safetensors")
     arrays = read_safetensors(weights_path)
     r = config["r"]
-    pairs = {}
+    use_dora = bool(config.get("use_dora", False))
+    pairs, magnitudes = {}, {}
     for module_name in matched:
         layer = int(module_name.split(".")[2])
         name = module_name.rsplit(".", 1)[1]
@@ -363,12 +442,25 @@ def load_peft_adapter(adapter_dir, cfg, dtype):
                 raise ValueError(f"{weights_path}: tensor {key} has shape {array.shape}, expected {shape} for r={r}")
             pair.append(torch.from_numpy(array.copy()).to(dtype))
         pairs[(layer, name)] = tuple(pair)
+        if use_dora:
+            # PEFT saves the magnitude without ".weight"; its modules name it with.
+            key = peft_key(layer, name, "M")
+            key = key if key in arrays else key + ".weight"
+            if key not in arrays:
+                raise ValueError(f"{weights_path}: tensor {peft_key(layer, name, 'M')} is missing, but use_dora "
+                                 f"is set and target_modules selects {module_name}")
+            array = arrays.pop(key)
+            if array.shape != (out_features,):
+                raise ValueError(f"{weights_path}: tensor {key} has shape {array.shape}, expected "
+                                 f"({out_features},)")
+            magnitudes[(layer, name)] = torch.from_numpy(array.copy()).to(dtype)
     if arrays:
         raise ValueError(f"{weights_path}: tensors {sorted(arrays)[:5]} (of {len(arrays)}) belong to no module "
                          "that target_modules selects, so this reference cannot apply them")
 
     targets = sorted({name for _, name in pairs}, key=list(PROJECTION_PATHS).index)
-    return LoraAdapter(r, config["lora_alpha"], bool(config.get("use_rslora", False)), targets, pairs)
+    return LoraAdapter(r, config["lora_alpha"], bool(config.get("use_rslora", False)), targets, pairs,
+                       magnitudes=magnitudes if use_dora else None)
 
 
 # ---------------------------------------------------------------------------
@@ -394,12 +486,23 @@ def forward(cfg, weights, ids, adapter=None, inv_freq=None, training=False):
     mask = attention_mask(seq_len, cfg["sliding_window"])
 
     def project(x, layer, name):
-        y = x @ weights[f"model.layers.{layer}.{PROJECTION_PATHS[name]}.weight"].T
+        weight = weights[f"model.layers.{layer}.{PROJECTION_PATHS[name]}.weight"]
+        y = x @ weight.T
         if adapter is not None and (layer, name) in adapter.pairs:
             a, b = adapter.pairs[(layer, name)]
-            if training and adapter.dropout > 0.0:
+            dropped = training and adapter.dropout > 0.0
+            if dropped:
                 x = torch.nn.functional.dropout(x, adapter.dropout, training=True)
-            y = y + ((x @ a.T) @ b.T) * adapter.scaling
+            low_rank = ((x @ a.T) @ b.T) * adapter.scaling
+            if not adapter.use_dora:
+                return y + low_rank
+            if adapter.frozen_norms is not None:
+                norm = adapter.frozen_norms[(layer, name)]
+            else:
+                norm = dora_weight_norm(weight, a, b, adapter.scaling)
+            # The models here have no projection biases, so y is W x.
+            base = x @ weight.T if dropped else y
+            y = y + dora_delta(base, low_rank, adapter.magnitudes[(layer, name)], norm)
         return y
 
     x = weights["model.embed_tokens.weight"][ids]
@@ -470,12 +573,16 @@ def merged_weights(weights, adapter):
     """Return a copy of the base weights with scaling * B @ A added to every adapted projection.
 
     This is PEFT's merge (LoraLayer.get_delta_weight), an independent way to
-    apply the adapter.
+    apply the adapter. With DoRA each merged row is then scaled by
+    magnitude / norm, as DoraLinearVariant.merge_safe does.
     """
     merged = dict(weights)
     for (layer, name), (a, b) in adapter.pairs.items():
         key = f"model.layers.{layer}.{PROJECTION_PATHS[name]}.weight"
         merged[key] = weights[key] + (b @ a) * adapter.scaling
+        if adapter.use_dora:
+            norm = dora_weight_norm(weights[key], a, b, adapter.scaling)
+            merged[key] = (adapter.magnitudes[(layer, name)] / norm).view(-1, 1) * merged[key]
     return merged
 
 
@@ -518,7 +625,13 @@ STEP_FIXTURE = {
     "eval_seq_len": 128,
 }
 
-# Entries checked against central finite differences: (layer, projection, matrix, row, column).
+# The DoRA fixture: the same draws on five of the seven projections (the
+# files stay small), then magnitudes moved up to 20% off their initial norms.
+DORA_STEP_FIXTURE = dict(STEP_FIXTURE, targets=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+                         magnitude_spread=0.2)
+
+# Entries checked against central finite differences: (layer, projection,
+# matrix, row, column); a DoRA magnitude ("M") has a row only.
 FINITE_DIFFERENCE_ENTRIES = [
     (0, "q_proj", "A", 1, 5),
     (1, "v_proj", "B", 7, 0),
@@ -529,6 +642,18 @@ FINITE_DIFFERENCE_ENTRIES = [
     (4, "down_proj", "A", 2, 171),
     (0, "k_proj", "B", 31, 1),
 ]
+DORA_FINITE_DIFFERENCE_ENTRIES = [
+    (0, "q_proj", "A", 1, 5),
+    (1, "v_proj", "B", 7, 0),
+    (3, "o_proj", "A", 0, 63),
+    (4, "down_proj", "B", 10, 2),
+    (4, "down_proj", "A", 2, 171),
+    (0, "k_proj", "B", 31, 1),
+    (0, "q_proj", "M", 3, None),
+    (2, "v_proj", "M", 17, None),
+    (3, "k_proj", "M", 0, None),
+    (4, "down_proj", "M", 60, None),
+]
 FINITE_DIFFERENCE_STEP = 1e-6
 # Central differences with step 1e-6 have a truncation error near 1e-12 and a
 # float64 rounding error near 1e-16 / 1e-6 = 1e-10, well inside these bounds.
@@ -536,27 +661,45 @@ FINITE_DIFFERENCE_ATOL = 1e-8
 FINITE_DIFFERENCE_RTOL = 1e-5
 
 
+def frozen_dora_norms(weights, adapter):
+    """Return {(layer, name): norm} of the adapter's current A and B, for LoraAdapter.frozen_norms."""
+    return {(layer, name): dora_weight_norm(weights[f"model.layers.{layer}.{PROJECTION_PATHS[name]}.weight"],
+                                            a, b, adapter.scaling)
+            for (layer, name), (a, b) in adapter.pairs.items()}
+
+
 def check_finite_differences(cfg, weights, windows, adapter, grads):
-    """Assert that autograd's gradients match central finite differences of the float64 loss."""
+    """Assert that autograd's gradients match central finite differences of the float64 loss.
+
+    With DoRA the norm stays at its value for the unperturbed adapter, because
+    PEFT's backward pass treats it as a constant.
+    """
     results = []
-    for layer, name, matrix, row, column in FINITE_DIFFERENCE_ENTRIES:
-        tensor = adapter.pairs[(layer, name)][0 if matrix == "A" else 1]
-        original = float(tensor[row, column])
+    entries = DORA_FINITE_DIFFERENCE_ENTRIES if adapter.use_dora else FINITE_DIFFERENCE_ENTRIES
+    if adapter.use_dora:
+        adapter.frozen_norms = frozen_dora_norms(weights, adapter)
+    for layer, name, matrix, row, column in entries:
+        if matrix == "M":
+            tensor, index = adapter.magnitudes[(layer, name)], (row,)
+        else:
+            tensor, index = adapter.pairs[(layer, name)][0 if matrix == "A" else 1], (row, column)
+        original = float(tensor[index])
         losses = []
         with torch.no_grad():
             for sign in (1.0, -1.0):
-                tensor[row, column] = original + sign * FINITE_DIFFERENCE_STEP
+                tensor[index] = original + sign * FINITE_DIFFERENCE_STEP
                 losses.append(float(batch_loss(cfg, weights, windows, adapter)))
-            tensor[row, column] = original
+            tensor[index] = original
         numeric = (losses[0] - losses[1]) / (2 * FINITE_DIFFERENCE_STEP)
-        analytic = float(grads[peft_key(layer, name, matrix)][row, column])
+        analytic = float(grads[peft_key(layer, name, matrix)][index])
         error = abs(numeric - analytic)
-        entry = f"{peft_key(layer, name, matrix)}[{row}, {column}]"
+        entry = f"{peft_key(layer, name, matrix)}{list(index)}"
         print(f"finite difference {entry}: autograd {analytic:.12g}, numeric {numeric:.12g}, error {error:.3g}")
         assert error <= FINITE_DIFFERENCE_ATOL + FINITE_DIFFERENCE_RTOL * abs(analytic), (
             f"{entry}: autograd gradient {analytic} differs from the finite difference {numeric}")
-        results.append({"tensor": peft_key(layer, name, matrix), "index": [row, column],
+        results.append({"tensor": peft_key(layer, name, matrix), "index": list(index),
                         "autograd": analytic, "finite_difference": numeric})
+    adapter.frozen_norms = None
     return results
 
 
@@ -567,10 +710,7 @@ def loss_and_grads(cfg, weights, windows, adapter):
         tensor.requires_grad_(True)
     loss = batch_loss(cfg, weights, windows, leaves)
     loss.backward()
-    grads = {}
-    for (layer, name), (a, b) in leaves.pairs.items():
-        grads[peft_key(layer, name, "A")] = a.grad.detach().clone()
-        grads[peft_key(layer, name, "B")] = b.grad.detach().clone()
+    grads = {key: t.grad.detach().clone() for key, t in leaves.named_tensors().items()}
     return float(loss), grads
 
 
@@ -615,17 +755,20 @@ def read_text_prefix(path, num_bytes):
 
 
 def cmd_make_step_fixture(args):
-    spec = STEP_FIXTURE
-    out_dir = args.out_dir
+    spec = DORA_STEP_FIXTURE if args.dora else STEP_FIXTURE
+    out_dir = args.out_dir or ("tests/fixtures/dora/step" if args.dora else "tests/fixtures/lora_step")
     cfg, weights32 = load_model(args.model, torch.float32)
     _, weights = load_model(args.model, torch.float64)
     sp = load_tokenizer(args.model)
     inv_freq = rope_inv_freq(cfg)
 
     # The adapter: A as PEFT initializes it, B from N(0, 0.02^2) instead of zero
-    # so that the gradients of both A and B are non-zero.
+    # so that the gradients of both A and B are non-zero. DoRA's magnitudes
+    # start at PEFT's initial norms and are then moved off them.
     generator = torch.Generator().manual_seed(spec["seed"])
     adapter32 = init_adapter(cfg, spec["r"], spec["alpha"], spec["targets"], generator, b_std=spec["b_std"])
+    if args.dora:
+        add_dora_magnitudes(adapter32, weights32, generator, spec["magnitude_spread"])
     save_peft_adapter(out_dir, adapter32, args.model)
     # Reload from disk so that every value comes from exactly the stored file.
     adapter = load_peft_adapter(out_dir, cfg, torch.float64)
@@ -657,6 +800,9 @@ def cmd_make_step_fixture(args):
         zero_b = adapter.with_dtype(torch.float64)
         for _, b in zero_b.pairs.values():
             b.zero_()
+        if zero_b.use_dora:
+            # DoRA also leaves the base unchanged at its initial magnitudes.
+            add_dora_magnitudes(zero_b, weights)
         with_zero_b = forward(cfg, weights, windows[:, :-1], zero_b, inv_freq)
         unmerged = forward(cfg, weights, windows[:, :-1], adapter, inv_freq)
         merged = forward(cfg, merged_weights(weights, adapter), windows[:, :-1], None, inv_freq)
@@ -673,6 +819,11 @@ def cmd_make_step_fixture(args):
 
     loss, grads = loss_and_grads(cfg, weights, windows, adapter)
     write_safetensors(os.path.join(out_dir, "grads.safetensors"), {k: v.numpy() for k, v in grads.items()})
+    if args.dora:
+        # rsLoRA's gradients too: the same stored tensors with scaling alpha / sqrt(r).
+        _, rslora_grads = loss_and_grads(cfg, weights, windows, adapter.with_dtype(torch.float64, use_rslora=True))
+        write_safetensors(os.path.join(out_dir, "grads_rslora.safetensors"),
+                          {k: v.numpy() for k, v in rslora_grads.items()})
     checks["finite_differences"] = check_finite_differences(cfg, weights, windows, adapter, grads)
 
     # What a float32 implementation gets, to size the C tests' tolerances.
@@ -691,11 +842,24 @@ def cmd_make_step_fixture(args):
     base_eval, tokens = windowed_loss(cfg, weights, eval_ids, spec["eval_seq_len"])
     adapter_eval, _ = windowed_loss(cfg, weights, eval_ids, spec["eval_seq_len"], adapter)
 
-    expected = {
-        "description": "LoRA step fixture on stories260K, computed in float64 by tools/ref_lora.py from the "
+    description = ("LoRA step fixture on stories260K, computed in float64 by tools/ref_lora.py from the float32 "
+                   "values of adapter_model.safetensors. grads.safetensors holds the gradient of `loss` with "
+                   "respect to every lora_A and lora_B (same names, float32).")
+    init = ("torch.Generator().manual_seed({seed}); for each layer, for each target in target_modules order: "
+            "A (r, in) from U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform_(a=sqrt(5))), then B (out, r) "
+            "from N(0, 0.02^2), not zero, so that both gradients are non-trivial").format(seed=spec["seed"])
+    if args.dora:
+        description = ("DoRA step fixture on stories260K, computed in float64 by tools/ref_lora.py from the "
                        "float32 values of adapter_model.safetensors. grads.safetensors holds the gradient of "
-                       "`loss` with respect to every lora_A and lora_B (same names, float32).",
-        "regenerate": "/usr/bin/python3 tools/ref_lora.py make-step-fixture",
+                       "`loss` with respect to every lora_A, lora_B and lora_magnitude_vector (same names, "
+                       "float32), and grads_rslora.safetensors that of `rslora_loss`, the same tensors with "
+                       "scaling alpha / sqrt(r). The weight norm is detached, as PEFT detaches it.")
+        init += (f"; then, in the same order, lora_magnitude_vector = ||W + scaling B A|| per output row "
+                 f"(PEFT's initialization) times U(1 - {spec['magnitude_spread']}, 1 + "
+                 f"{spec['magnitude_spread']}) drawn from the same generator")
+    expected = {
+        "description": description,
+        "regenerate": "/usr/bin/python3 tools/ref_lora.py make-step-fixture" + (" --dora" if args.dora else ""),
         "model": args.model,
         "dtype": "float64",
         "adapter": {
@@ -703,10 +867,7 @@ def cmd_make_step_fixture(args):
             "lora_alpha": spec["alpha"],
             "scaling": adapter.scaling,
             "target_modules": spec["targets"],
-            "init": f"torch.Generator().manual_seed({spec['seed']}); for each layer, for each target in "
-                    "target_modules order: A (r, in) from U(-1/sqrt(in), 1/sqrt(in)) (PEFT's "
-                    "kaiming_uniform_(a=sqrt(5))), then B (out, r) from N(0, 0.02^2), not zero, so that "
-                    "both gradients are non-trivial",
+            "init": init,
         },
         "loss": loss,
         "rslora_loss": rslora_loss,
@@ -735,6 +896,8 @@ def cmd_make_step_fixture(args):
         },
         "checks": checks,
     }
+    if args.dora:
+        expected["adapter"]["use_dora"] = True
     with open(os.path.join(out_dir, "expected.json"), "w") as f:
         f.write(dumps_compact_arrays(expected))
 
@@ -808,6 +971,8 @@ def cmd_train(args):
     generator = torch.Generator().manual_seed(args.seed)
     adapter = init_adapter(cfg, args.r, args.alpha, targets, generator, use_rslora=args.rslora,
                            dropout=args.dropout)
+    if args.dora:
+        add_dora_magnitudes(adapter, weights)
     params = adapter.tensors()
     for tensor in params:
         tensor.requires_grad_(True)
@@ -866,7 +1031,10 @@ def main(argv=None):
     p.add_argument("--model", default="../shared/models/stories260K", help=model_help)
     p.add_argument("--data", default="../shared/data/tinyshakespeare/input.txt",
                    help="UTF-8 text for the batch and the evaluation")
-    p.add_argument("--out-dir", default="tests/fixtures/lora_step", help="output folder")
+    p.add_argument("--out-dir", help="output folder (default tests/fixtures/lora_step, or with --dora "
+                                     "tests/fixtures/dora/step)")
+    p.add_argument("--dora", action="store_true", help="DoRA: magnitudes moved off their initial norms, "
+                                                       "and rsLoRA gradients in grads_rslora.safetensors")
     p.set_defaults(func=cmd_make_step_fixture)
 
     p = sub.add_parser("eval-adapter", help="loss of base + PEFT LoRA adapter over consecutive windows of ids")
@@ -885,6 +1053,7 @@ def main(argv=None):
     p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=16, help="lora_alpha (default 16)")
     p.add_argument("--rslora", action="store_true", help="scaling alpha / sqrt(r) instead of alpha / r")
+    p.add_argument("--dora", action="store_true", help="weight-decomposed LoRA (PEFT's use_dora)")
     p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout probability (default 0)")
     p.add_argument("--target", default="q_proj,k_proj,v_proj,o_proj",
                    help="comma-separated projections, or all-linear (default q_proj,k_proj,v_proj,o_proj)")

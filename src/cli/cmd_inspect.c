@@ -11,6 +11,7 @@
 #include "io/gguf.h"
 #include "io/hf_config.h"
 #include "io/safetensors.h"
+#include "peft/method.h"
 
 static const char *rope_scaling_name(cp_rope_scaling s)
 {
@@ -104,8 +105,76 @@ static void print_metrics_summary(const char *dir)
     free(path);
 }
 
-/* A run folder: the adapter's settings, its size next to the base model's,
- * and what metrics.jsonl recorded. */
+/* Prints the informative settings of adapter_config.json: numbers, true
+ * flags, non-empty strings, lists and objects. The method and the base
+ * model have their own lines. */
+static void print_settings(const cJSON *cfg)
+{
+    static const char *const own_line[] = {"peft_type", "cpeft_method",
+                                           "base_model_name_or_path"};
+    const cJSON *item;
+    cJSON_ArrayForEach(item, cfg)
+    {
+        int skip = 0;
+        for (size_t i = 0; i < sizeof own_line / sizeof *own_line; i++)
+            skip |= strcmp(item->string, own_line[i]) == 0;
+        int empty = cJSON_IsNull(item) || cJSON_IsFalse(item) ||
+                    (cJSON_IsString(item) && !item->valuestring[0]) ||
+                    ((cJSON_IsArray(item) || cJSON_IsObject(item)) && !item->child);
+        if (skip || empty)
+            continue;
+        char *value = cJSON_PrintUnformatted(item);
+        printf("  %-19s %s\n", item->string, value ? value : "?");
+        free(value);
+    }
+}
+
+/* Returns cpeft's name of the method that wrote a run, with PEFT's type
+ * when there is one: "lora (PEFT LORA)". */
+static const char *method_name(const cJSON *peft_type, const cJSON *cpeft_method)
+{
+    static char buf[128];
+    if (cJSON_IsString(cpeft_method))
+        return cpeft_method->valuestring;
+    if (!cJSON_IsString(peft_type))
+        return "unknown";
+    const char *name = "not a cpeft method";
+    for (int i = 0; i < cp_method_count(); i++) {
+        const cp_method_ops *ops = cp_method_at(i);
+        if (ops->peft_type && strcmp(ops->peft_type, peft_type->valuestring) == 0) {
+            name = ops->name;
+            break;
+        }
+    }
+    snprintf(buf, sizeof buf, "%s (PEFT %s)", name, peft_type->valuestring);
+    return buf;
+}
+
+/* Returns the element count of the base model at path (a folder or a
+ * .safetensors or .gguf file), or 0 when it cannot be read. */
+static size_t base_param_count(const char *path)
+{
+    cp_error err = {0};
+    size_t total = 0;
+    if (cp_file_is_gguf(path)) {
+        cp_gguf *g = NULL;
+        if (cp_gguf_open(path, &g, &err) != CP_OK)
+            return 0;
+        for (size_t i = 0; i < cp_gguf_tensor_count(g); i++)
+            total += cp_gguf_tensor_at(g, i)->n_elements;
+        cp_gguf_close(g);
+        return total;
+    }
+    cp_safetensors *st = NULL;
+    if (cp_safetensors_open(path, &st, &err) != CP_OK)
+        return 0;
+    total = count_params(st);
+    cp_safetensors_close(st);
+    return total;
+}
+
+/* A run folder: the method and its settings, the trainable parameters as a
+ * share of the base model's, and what metrics.jsonl recorded. */
 static cp_status inspect_run(const char *dir, const char *config_path, cp_error *err)
 {
     char *text = NULL;
@@ -120,36 +189,32 @@ static cp_status inspect_run(const char *dir, const char *config_path, cp_error 
                             config_path);
     }
     const cJSON *type = cJSON_GetObjectItem(cfg, "peft_type");
+    const cJSON *own = cJSON_GetObjectItem(cfg, "cpeft_method");
     const cJSON *base = cJSON_GetObjectItem(cfg, "base_model_name_or_path");
-    char *targets = cJSON_PrintUnformatted(cJSON_GetObjectItem(cfg, "target_modules"));
     printf("adapter: %s\n", dir);
-    printf("  method              %s\n", cJSON_IsString(type) ? type->valuestring : "unknown");
-    printf("  r                   %g\n", cJSON_GetNumberValue(cJSON_GetObjectItem(cfg, "r")));
-    printf("  lora_alpha          %g\n",
-           cJSON_GetNumberValue(cJSON_GetObjectItem(cfg, "lora_alpha")));
-    printf("  use_rslora          %s\n",
-           cJSON_IsTrue(cJSON_GetObjectItem(cfg, "use_rslora")) ? "true" : "false");
-    printf("  target_modules      %s\n", targets ? targets : "none");
+    printf("  method              %s\n", method_name(type, own));
+    print_settings(cfg);
     printf("  base model          %s\n", cJSON_IsString(base) ? base->valuestring : "unknown");
-    free(targets);
 
+    /* PEFT's file name, or AdapterHub's for bottleneck adapters. */
     char *weights_path = cp_path_join(dir, "adapter_model.safetensors");
-    cp_safetensors *adapter = NULL, *base_weights = NULL;
+    if (weights_path && !cp_file_exists(weights_path)) {
+        free(weights_path);
+        weights_path = cp_path_join(dir, "adapter.safetensors");
+    }
+    cp_safetensors *adapter = NULL;
     st = weights_path ? cp_safetensors_open(weights_path, &adapter, err)
                       : cp_error_nomem(err, "a path", 0);
     if (st == CP_OK) {
         size_t trainable = count_params(adapter);
+        size_t base_params = cJSON_IsString(base) ? base_param_count(base->valuestring) : 0;
         printf("  trainable params    %zu", trainable);
-        cp_error base_err = {0};
-        if (cJSON_IsString(base) &&
-            cp_safetensors_open(base->valuestring, &base_weights, &base_err) == CP_OK)
-            printf(" (%.3f%% of the base's %zu)", 100.0 * trainable / count_params(base_weights),
-                   count_params(base_weights));
+        if (base_params)
+            printf(" (%.3f%% of the base's %zu)", 100.0 * trainable / base_params, base_params);
         printf("\n");
         print_metrics_summary(dir);
         print_tensors(adapter);
     }
-    cp_safetensors_close(base_weights);
     cp_safetensors_close(adapter);
     free(weights_path);
     cJSON_Delete(cfg);

@@ -82,6 +82,17 @@ static int run(const cp_train_params *p, int quiet)
     if (res.eval_loss_before >= 0 && res.eval_loss_after >= 0)
         printf("eval loss: %.4f -> %.4f (%+.1f%%)\n", res.eval_loss_before, res.eval_loss_after,
                100.0 * (res.eval_loss_after / res.eval_loss_before - 1.0));
+    if (res.nf4.n_matrices) {
+        printf("NF4 base: %d projections in %.1f MB (%.3fx of float32 %.1f MB)\n",
+               res.nf4.n_matrices, res.nf4.bytes / 1e6,
+               (double)res.nf4.bytes / (double)res.nf4.float32_bytes, res.nf4.float32_bytes / 1e6);
+        if (p->method.double_quant)
+            printf("double quantization of the scales: RMS error %.3g, max %.2f%% of a scale\n",
+                   res.nf4.scale_rms_error, 100.0 * res.nf4.scale_max_rel_error);
+    }
+    double peak = cli_peak_rss_mb();
+    if (peak > 0)
+        printf("peak memory: %.0f MB\n", peak);
     printf("adapter written to %s\n", p->out_dir);
     return 0;
 }

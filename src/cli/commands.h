@@ -26,4 +26,8 @@ cp_status cli_read_stream(FILE *fp, const char *name, char **out, size_t *len, c
 /* Writes ids as "a<sep>b<sep>c" followed by a newline. */
 void cli_print_ids(FILE *fp, const int32_t *ids, size_t n, const char *sep);
 
+/* Returns this process's peak resident memory in MB (VmHWM, which exec
+ * resets, unlike getrusage's ru_maxrss), or -1 where /proc is missing. */
+double cli_peak_rss_mb(void);
+
 #endif

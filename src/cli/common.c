@@ -60,3 +60,17 @@ void cli_print_ids(FILE *fp, const int32_t *ids, size_t n, const char *sep)
         fprintf(fp, i ? "%s%d" : "%.0s%d", sep, ids[i]);
     fputc('\n', fp);
 }
+
+double cli_peak_rss_mb(void)
+{
+    FILE *fp = fopen("/proc/self/status", "r");
+    if (!fp)
+        return -1;
+    char line[256];
+    double kb = -1;
+    while (fgets(line, sizeof line, fp))
+        if (sscanf(line, "VmHWM: %lf kB", &kb) == 1)
+            break;
+    fclose(fp);
+    return kb < 0 ? -1 : kb / 1024.0;
+}

@@ -10,12 +10,16 @@
 #include "peft/method.h"
 
 /* Windows per forward pass: enough to keep the matmuls busy, few enough that
- * the (B, H, T, T) attention probabilities stay small. */
-static int windows_per_batch(const cp_model_config *c, int T)
+ * the (B, H, S, P + S) attention probabilities and the (B, S, V) logits
+ * stay within 64 MB. A window has
+ * S = n_virtual + T rows after the method's P prefix positions. */
+static int windows_per_batch(const cp_model *m, int T)
 {
-    size_t att_bytes = (size_t)c->n_heads * T * T * sizeof(float);
+    size_t S = (size_t)cp_model_virtual_tokens(m) + T, P = (size_t)cp_model_prefix_tokens(m);
+    size_t att_bytes = (size_t)m->cfg.n_heads * S * (P + S) * sizeof(float);
+    size_t logits_bytes = S * (size_t)m->cfg.vocab_size * sizeof(float);
     size_t budget = (size_t)64 << 20;
-    int B = (int)(budget / (att_bytes + 1));
+    int B = (int)(budget / (att_bytes + logits_bytes + 1));
     if (B > 16)
         B = 16;
     return B < 1 ? 1 : B;
@@ -40,13 +44,13 @@ cp_status cp_model_evaluate(cp_model *m, const int32_t *ids, size_t n_ids, int s
         return cp_error_set(err, CP_ERR_INPUT, "token %zu has id %d, outside the vocabulary of %d",
                             bad - 1, ids[bad - 1], c->vocab_size);
 
-    int B = windows_per_batch(c, seq_len);
+    int B = windows_per_batch(m, seq_len);
     if ((size_t)B > n_windows)
         B = (int)n_windows;
     cp_forward_buffers fb;
-    cp_status st = cp_forward_buffers_init(&fb, c, B, seq_len, 0, err);
+    cp_status st = cp_forward_buffers_init_model(&fb, m, B, seq_len, 0, err);
     if (st == CP_OK && m->method)
-        st = m->method->ops->reserve(m->method, B * seq_len, 0, err);
+        st = m->method->ops->reserve(m->method, B * fb.S, 0, err);
     if (st != CP_OK) {
         cp_forward_buffers_free(&fb);
         return st;

@@ -91,17 +91,19 @@ static cp_status check_request(const cp_model *m, const int32_t *prompt, size_t 
                                const cp_generate_params *p, cp_error *err)
 {
     int n_ctx = m->cfg.max_position_embeddings;
+    int n_before = cp_model_prefix_tokens(m) + cp_model_virtual_tokens(m);
     if (n_prompt == 0)
         return cp_error_set(err, CP_ERR_INPUT, "the prompt has no tokens; add at least BOS");
     if (p->max_new_tokens < 0 || !(p->temperature >= 0) || !(p->top_p > 0 && p->top_p <= 1))
         return cp_error_set(err, CP_ERR_INPUT,
                             "invalid sampling settings: max-new-tokens must be >= 0, "
                             "temperature >= 0 and top-p in (0, 1]");
-    if (n_prompt + (size_t)p->max_new_tokens > (size_t)n_ctx)
+    if (n_prompt + (size_t)p->max_new_tokens + (size_t)n_before > (size_t)n_ctx)
         return cp_error_set(err, CP_ERR_INPUT,
-                            "the prompt (%zu tokens) plus %d new tokens exceeds the context "
+                            "the prompt (%zu tokens) plus %d new tokens%s exceeds the context "
                             "length of %d; lower --max-new-tokens or shorten the prompt",
-                            n_prompt, p->max_new_tokens, n_ctx);
+                            n_prompt, p->max_new_tokens,
+                            n_before ? " plus the adapter's virtual tokens" : "", n_ctx);
     size_t bad = cp_model_find_bad_id(m, prompt, n_prompt);
     if (bad)
         return cp_error_set(err, CP_ERR_INPUT,
@@ -124,7 +126,8 @@ cp_status cp_generate(cp_model *m, const int32_t *prompt, size_t n_prompt,
     if (m->method && (st = m->method->ops->reserve(m->method, 1, 0, err)) != CP_OK)
         return st;
     cp_kv_cache kv;
-    if ((st = cp_kv_cache_init(&kv, &m->cfg, (int)n_prompt + max_new, err)) != CP_OK)
+    int n_before = cp_model_prefix_tokens(m) + cp_model_virtual_tokens(m);
+    if ((st = cp_kv_cache_init(&kv, &m->cfg, n_before + (int)n_prompt + max_new, err)) != CP_OK)
         return st;
     int32_t *ids = malloc((size_t)(max_new > 0 ? max_new : 1) * sizeof *ids);
     prob_index *sorted = malloc((size_t)V * sizeof *sorted);
@@ -140,11 +143,12 @@ cp_status cp_generate(cp_model *m, const int32_t *prompt, size_t n_prompt,
         m->method->training = 0; /* no dropout while generating */
     cp_rng rng;
     cp_rng_seed(&rng, params->seed);
-    for (size_t i = 0; i < n_prompt; i++)
+    st = cp_kv_cache_start(m, &kv, err);
+    for (size_t i = 0; st == CP_OK && i < n_prompt; i++)
         cp_kv_cache_step(m, &kv, prompt[i]);
 
     int n = 0;
-    while (n < max_new) {
+    while (st == CP_OK && n < max_new) {
         int next = params->temperature == 0.0f
                        ? argmax(kv.logits, V)
                        : sample(kv.logits, V, params->temperature, params->top_p, &rng, sorted);
@@ -159,6 +163,10 @@ cp_status cp_generate(cp_model *m, const int32_t *prompt, size_t n_prompt,
         m->method->training = was_training;
     free(sorted);
     cp_kv_cache_free(&kv);
+    if (st != CP_OK) {
+        free(ids);
+        return st;
+    }
     *out = ids;
     *n_out = (size_t)n;
     return CP_OK;

@@ -1,4 +1,5 @@
-/* Incremental decoding with a key/value cache. */
+/* Incremental decoding with a key/value cache, after the attached method's
+ * prefix and virtual rows. */
 #include "model/kv_cache.h"
 
 #include <stdlib.h>
@@ -9,6 +10,7 @@
 #include "ops/matmul.h"
 #include "ops/norm.h"
 #include "ops/rope.h"
+#include "peft/method.h"
 
 cp_status cp_kv_cache_init(cp_kv_cache *kv, const cp_model_config *cfg, int n_ctx,
                            cp_error *err)
@@ -49,7 +51,9 @@ void cp_kv_cache_free(cp_kv_cache *kv)
     memset(kv, 0, sizeof *kv);
 }
 
-void cp_kv_cache_step(const cp_model *m, cp_kv_cache *kv, int32_t token)
+/* Runs the row in kv->x through every layer at position kv->len, appends
+ * its keys and values, and leaves the next-token logits in kv->logits. */
+static void step_row(const cp_model *m, cp_kv_cache *kv)
 {
     const cp_model_config *c = &m->cfg;
     int C = c->hidden_size, H = c->n_heads, KVH = c->n_kv_heads, D = c->head_dim;
@@ -57,7 +61,6 @@ void cp_kv_cache_step(const cp_model *m, cp_kv_cache *kv, int32_t token)
     size_t kvd = (size_t)KVH * D;
     CP_ASSERT(pos < kv->n_ctx);
 
-    cp_model_embed(m, kv->x, &token, &pos, 1);
     for (int l = 0; l < c->n_layers; l++) {
         const cp_layer_weights *w = &m->layers[l];
         float *k_cache = kv->k + (size_t)l * kv->n_ctx * kvd;
@@ -79,4 +82,51 @@ void cp_kv_cache_step(const cp_model *m, cp_kv_cache *kv, int32_t token)
     cp_model_norm(m, kv->xn, NULL, NULL, kv->x, m->final_norm, m->final_norm_bias, 1);
     cp_matmul_forward(kv->logits, kv->xn, m->lm_head, NULL, 1, C, c->vocab_size);
     kv->len = pos + 1;
+}
+
+void cp_kv_cache_step(const cp_model *m, cp_kv_cache *kv, int32_t token)
+{
+    int pos = kv->len;
+    cp_model_embed(m, kv->x, &token, &pos, 1);
+    step_row(m, kv);
+}
+
+/* Copies every layer's prefix keys and values into cache rows 0..P-1, where
+ * decoding reads them as it reads earlier tokens'. */
+static void fill_prefix(const cp_model *m, cp_kv_cache *kv, int P)
+{
+    const cp_model_config *c = &m->cfg;
+    size_t rows = (size_t)P * c->n_kv_heads * c->head_dim;
+    size_t layer = (size_t)kv->n_ctx * c->n_kv_heads * c->head_dim;
+    for (int l = 0; l < c->n_layers; l++) {
+        const float *k = NULL, *v = NULL;
+        m->method->ops->attention_prefix(m->method, l, &k, &v);
+        memcpy(kv->k + l * layer, k, rows * sizeof(float));
+        memcpy(kv->v + l * layer, v, rows * sizeof(float));
+    }
+    kv->len = P;
+}
+
+cp_status cp_kv_cache_start(const cp_model *m, cp_kv_cache *kv, cp_error *err)
+{
+    int P = cp_model_prefix_tokens(m), n_virtual = cp_model_virtual_tokens(m);
+    size_t C = m->cfg.hidden_size;
+    CP_ASSERT(kv->len == 0 && P + n_virtual <= kv->n_ctx);
+    if (P)
+        fill_prefix(m, kv, P);
+    if (n_virtual == 0)
+        return CP_OK;
+
+    float *rows = malloc((size_t)n_virtual * C * sizeof *rows);
+    if (!rows)
+        return cp_error_nomem(err, "the virtual tokens", (size_t)n_virtual * C * sizeof *rows);
+    m->method->ops->embed_virtual(m->method, rows);
+    for (int i = 0; i < n_virtual; i++) {
+        int pos = kv->len;
+        memcpy(kv->x, rows + i * C, C * sizeof(float));
+        cp_model_add_positions(m, kv->x, &pos, 1);
+        step_row(m, kv);
+    }
+    free(rows);
+    return CP_OK;
 }

@@ -1,6 +1,7 @@
 /*
  * Incremental decoding with a key/value cache: one token at a time, each
- * attending to the cached keys and values of every earlier position.
+ * attending to the cached keys and values of every earlier position,
+ * including a method's prefix and virtual rows (cp_kv_cache_start).
  */
 #ifndef CP_KV_CACHE_H
 #define CP_KV_CACHE_H
@@ -10,7 +11,7 @@
 typedef struct cp_kv_cache {
     int n_ctx;       /* positions the cache has room for */
     int len;         /* positions filled so far */
-    float *k;        /* (n_layers, n_ctx, KVH, D) keys after RoPE */
+    float *k;        /* (n_layers, n_ctx, KVH, D) keys after RoPE (prefix keys as given) */
     float *v;        /* (n_layers, n_ctx, KVH, D) */
     float *x;        /* (C) residual stream of the current token */
     float *xn;       /* (C) */
@@ -29,6 +30,12 @@ typedef struct cp_kv_cache {
 cp_status cp_kv_cache_init(cp_kv_cache *kv, const cp_model_config *cfg, int n_ctx,
                            cp_error *err);
 void cp_kv_cache_free(cp_kv_cache *kv);
+
+/* Feeds what the attached method places before the first token: its
+ * attention prefix as cache rows 0..P-1 of every layer, then its virtual
+ * rows, one position each. Call once on an empty cache with room for them;
+ * without such a method it does nothing. */
+cp_status cp_kv_cache_start(const cp_model *m, cp_kv_cache *kv, cp_error *err);
 
 /* Feeds token at position kv->len, appends its keys and values, and leaves
  * the next-token logits in kv->logits. The cache must not be full. */

@@ -13,6 +13,7 @@
 
 #include "core/file.h"
 #include "io/gguf.h"
+#include "ops/nf4.h"
 #include "ops/rope.h"
 #include "peft/method.h"
 
@@ -246,6 +247,13 @@ void cp_model_free(cp_model *m)
     for (int i = 0; i < m->n_owned; i++)
         free(m->owned[i]);
     free(m->owned);
+    for (int l = 0; m->layers && l < m->cfg.n_layers; l++) {
+        for (int p = 0; p < CP_PROJ_COUNT; p++) {
+            if (m->layers[l].nf4[p])
+                cp_nf4_free(m->layers[l].nf4[p]);
+            free(m->layers[l].nf4[p]);
+        }
+    }
     free(m->layers);
     free(m->inv_freq);
     free(m->dir);

@@ -24,8 +24,18 @@ typedef struct cp_layer_weights {
     const float *attn_norm_bias; /* (C), LayerNorm only, else NULL */
     const float *mlp_norm;       /* (C) */
     const float *mlp_norm_bias;  /* (C), LayerNorm only, else NULL */
-    const float *w[CP_PROJ_COUNT];    /* NULL for projections the architecture lacks */
+    const float *w[CP_PROJ_COUNT];    /* NULL for projections the architecture lacks,
+                                       * and for those quantized to NF4 */
+    struct cp_nf4_matrix *nf4[CP_PROJ_COUNT]; /* (out, in) NF4 weights, or NULL (float32) */
     const float *bias[CP_PROJ_COUNT]; /* (out) each; NULL where the model has none */
+
+    /* Weight gradients, each shaped as its weight (dw in the stored layout),
+     * accumulated (+=) by cp_model_backward. NULL, the default, for a frozen
+     * tensor, which then gets no gradient. A method that trains base tensors
+     * points them into its own buffers (see bind_base in peft/method.h). */
+    float *dattn_norm, *dattn_norm_bias, *dmlp_norm, *dmlp_norm_bias;
+    float *dw[CP_PROJ_COUNT];
+    float *dbias[CP_PROJ_COUNT];
 } cp_layer_weights;
 
 struct cp_model {
@@ -45,6 +55,15 @@ struct cp_model {
     int n_owned;
     struct cp_method *method; /* the attached fine-tuning method, or NULL */
     int owns_method;          /* 1 when cp_model_load_adapter created it */
+
+    /* Gradients of the model-level tensors, as those of the layers: NULL
+     * unless a method trains the tensor. A tied head shares the embedding's
+     * gradient (dlm_head == dembed). */
+    float *dembed;            /* (V, C) */
+    float *dpos_embed;        /* (max positions, C) */
+    float *dfinal_norm;       /* (C) */
+    float *dfinal_norm_bias;  /* (C) */
+    float *dlm_head;          /* (V, C) */
 };
 
 /* Loads a GGUF file (llama, qwen2 or gpt2 architecture): see model_gguf.c. */
@@ -58,6 +77,22 @@ cp_status cp_model_attach_lora(cp_model *m, struct cp_lora *lora, cp_error *err)
 
 /* Removes the attached method, freeing it if the model owns it. */
 void cp_model_detach_method(cp_model *m);
+
+/* Quantizes every linear projection to NF4 (QLoRA's base), releasing its
+ * float32 weight; embeddings, the head and the norms stay float32. With
+ * double_quant the block scales are quantized again to 8 bits. */
+cp_status cp_model_quantize_nf4(cp_model *m, int double_quant, cp_error *err);
+
+/* Sizes and scale errors of the NF4 projections, for reports. */
+typedef struct cp_nf4_stats {
+    int n_matrices;
+    size_t bytes;               /* NF4 codes and scales */
+    size_t float32_bytes;       /* what the same matrices take in float32 */
+    double scale_rms_error;     /* double quantization: RMS error of the block scales */
+    double scale_max_rel_error; /* double quantization: max error / scale */
+} cp_nf4_stats;
+
+void cp_model_nf4_stats(const cp_model *m, cp_nf4_stats *stats);
 
 /* Keeps buf, a widened or reordered weight copy, until the model is freed;
  * on failure frees buf. */
@@ -78,6 +113,16 @@ void cp_model_norm(const cp_model *m, float *out, float *mean, float *rstd, cons
  * when the model has them. */
 void cp_model_embed(const cp_model *m, float *out, const int32_t *ids, const int *pos, int N);
 
+/* Adds the learned position embeddings at pos (N) to x (N, C); does nothing
+ * for a model without them (RoPE). */
+void cp_model_add_positions(const cp_model *m, float *x, const int *pos, int N);
+
+/* The attached method's virtual rows before every sequence (its embedding
+ * hook) and key/value prefix positions before every layer's keys (its
+ * attention hook); 0 without a method or hook. */
+int cp_model_virtual_tokens(const cp_model *m);
+int cp_model_prefix_tokens(const cp_model *m);
+
 /* Layer l's queries (N, H, D), keys and values (N, KVH, D) of x (N, C), with
  * RoPE applied where the model uses it. qkv is scratch of (N, (H + 2 KVH) D)
  * for a fused projection. */
@@ -95,9 +140,15 @@ void cp_model_project(const cp_model *m, int l, int proj, float *out, const floa
 
 /* Activations of one forward pass over B sequences of T tokens. Buffers
  * marked "per layer" hold n_saved_layers blocks: n_layers when the pass
- * keeps what a backward pass needs, 1 when each layer overwrites the last. */
+ * keeps what a backward pass needs, 1 when each layer overwrites the last.
+ * Each sequence has S = n_virtual + T rows: the method's virtual rows, then
+ * its tokens. Every layer also attends to n_prefix key/value positions before
+ * them (P below), so S rows sit at positions P..P+S-1. */
 typedef struct cp_forward_buffers {
     int B, T, n_saved_layers;
+    int n_virtual;    /* virtual rows per sequence, before the tokens */
+    int n_prefix;     /* key/value prefix positions per layer (P) */
+    int S;            /* rows per sequence: n_virtual + T */
     float *residual;  /* per layer: (B, T, C) input of the layer */
     float *norm1;     /* per layer: (B, T, C) after the attention RMSNorm */
     float *mean1;     /* per layer: (B, T), LayerNorm only */
@@ -105,7 +156,7 @@ typedef struct cp_forward_buffers {
     float *q;         /* per layer: (B, T, H, D) after RoPE */
     float *k;         /* per layer: (B, T, KVH, D) after RoPE */
     float *v;         /* per layer: (B, T, KVH, D) */
-    float *att;       /* per layer: (B, H, T, T) softmax probabilities */
+    float *att;       /* per layer: (B, H, S, P + S) softmax probabilities */
     float *attn_out;  /* per layer: (B, T, H, D) before o_proj */
     float *mid;       /* per layer: (B, T, C) residual after attention */
     float *norm2;     /* per layer: (B, T, C) after the MLP RMSNorm */
@@ -121,8 +172,12 @@ typedef struct cp_forward_buffers {
     float *mean_f;    /* (B, T), LayerNorm only */
     float *rstd_f;    /* (B, T) */
     float *qkv;       /* (B, T, (H + 2 KVH) D) scratch of a fused q/k/v product */
-    float *logits;    /* (B, T, V) */
-    int *pos;         /* (B, T) positions 0..T-1 */
+    float *logits;    /* (B, T, V), the tokens' rows only */
+    int *pos;         /* (B, S) positions P..P+S-1 */
+    const int32_t *ids; /* (B, T) the last pass's token ids, borrowed for the
+                         * embedding gradient */
+    const float **prefix_k; /* (n_layers) each layer's prefix keys (P, KVH, D), or NULL */
+    const float **prefix_v; /* (n_layers) its prefix values */
     float *memory;    /* the single allocation behind every buffer above */
 } cp_forward_buffers;
 
@@ -134,12 +189,23 @@ typedef struct cp_layer_acts {
 
 cp_layer_acts cp_forward_layer(const cp_forward_buffers *fb, const cp_model_config *cfg, int l);
 
+/* Buffers for a model without virtual rows or prefixes. Per-layer and
+ * per-row sizes in the comments above count S rows per sequence where the
+ * method adds rows: (B, T, ...) means (B, S, ...) there, except logits. */
 cp_status cp_forward_buffers_init(cp_forward_buffers *fb, const cp_model_config *cfg, int B,
                                   int T, int save_all_layers, cp_error *err);
+
+/* Buffers sized for model m with its attached method's virtual rows and
+ * prefix. Rejects T when those rows push the last token past the context
+ * length. */
+cp_status cp_forward_buffers_init_model(cp_forward_buffers *fb, const cp_model *m, int B, int T,
+                                        int save_all_layers, cp_error *err);
 void cp_forward_buffers_free(cp_forward_buffers *fb);
 
-/* Runs the decoder on ids (B, T), each sequence at positions 0..T-1, and
- * leaves the logits in fb->logits. Ids must be inside the vocabulary. */
+/* Runs the decoder on ids (B, T), each sequence's tokens at positions
+ * P + n_virtual onwards (0..T-1 without a method's rows), and leaves the
+ * tokens' logits in fb->logits. Ids must be inside the vocabulary, and fb
+ * must be sized for the attached method (cp_forward_buffers_init_model). */
 void cp_model_forward(const cp_model *m, cp_forward_buffers *fb, const int32_t *ids);
 
 /* Backward pass buffers for B sequences of T tokens. */
@@ -156,17 +222,25 @@ typedef struct cp_backward_buffers {
     float *scratch; /* (B, H, T, T) */
     float *dproj_out; /* (B, T, widest projection) a method's rewritten output gradient */
     float *dproj_in;  /* (B, T, widest projection) the gradient of a hooked input */
+    float *dprefix_k; /* (B, P, KVH*D) each sequence's gradient of a layer's prefix keys */
+    float *dprefix_v; /* (B, P, KVH*D) */
     float *memory;
 } cp_backward_buffers;
 
+/* As with the forward buffers, T counts S rows per sequence where a method
+ * adds virtual rows, and scratch is (B, H, S, P + S). */
 cp_status cp_backward_buffers_init(cp_backward_buffers *bb, const cp_model_config *cfg, int B,
                                    int T, cp_error *err);
+cp_status cp_backward_buffers_init_model(cp_backward_buffers *bb, const cp_model *m, int B,
+                                         int T, cp_error *err);
 void cp_backward_buffers_free(cp_backward_buffers *bb);
 
 /* Mean cross-entropy of the forward pass in fb against targets (B, T), and
  * its backward pass to the attached adapter's gradients, which accumulate
- * (+=) scaled by loss_scale (1 / grad-accumulation steps). The frozen
- * weights get no gradient. Overwrites fb->logits. Returns the mean loss. */
+ * (+=) scaled by loss_scale (1 / grad-accumulation steps). Weights get a
+ * gradient only where their gradient pointer is set; the embedding gradient
+ * reads fb->ids, so the ids of the forward pass must still be alive.
+ * Overwrites fb->logits. Returns the mean loss. */
 double cp_model_backward(const cp_model *m, cp_forward_buffers *fb, cp_backward_buffers *bb,
                          const int32_t *targets, float loss_scale);
 

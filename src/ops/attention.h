@@ -3,6 +3,11 @@
  * query head h reading key/value head h / (H / KVH). Scores are scaled by
  * 1/sqrt(D). With a sliding window W > 0 (Mistral), query i attends to keys j with
  * i - W < j <= i; with W = 0 it attends to every j <= i.
+ *
+ * The _prefix variants put P key/value rows, shared by every sequence,
+ * before each sequence's own: they take absolute positions 0..P-1, query t
+ * sits at position P + t, and the mask above applies to absolute positions
+ * (so without a window every query attends to the whole prefix).
  */
 #ifndef CP_OPS_ATTENTION_H
 #define CP_OPS_ATTENTION_H
@@ -12,6 +17,12 @@
  * entries outside the visible range are set to 0. */
 void cp_attention_forward(float *out, float *att, const float *q, const float *k,
                           const float *v, int B, int T, int H, int KVH, int D, int window);
+
+/* The same with a prefix: pk and pv are (P, KVH, D), and att is
+ * (B, H, T, P + T), its columns the absolute key positions. */
+void cp_attention_forward_prefix(float *out, float *att, const float *q, const float *k,
+                                 const float *v, const float *pk, const float *pv, int B, int T,
+                                 int P, int H, int KVH, int D, int window);
 
 /* The plain scalar kernel, the test oracle for cp_attention_forward. */
 void cp_attention_forward_ref(float *out, float *att, const float *q, const float *k,
@@ -29,5 +40,14 @@ void cp_attention_decode(float *out, float *scores, const float *q, const float 
 void cp_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
                            const float *att, const float *q, const float *k, const float *v,
                            int B, int T, int H, int KVH, int D, int window);
+
+/* Backward of cp_attention_forward_prefix. Also accumulates into dpk and dpv
+ * (B, P, KVH, D), each sequence's own prefix gradients, which the caller
+ * sums. scratch has room for (B, H, T, P + T) floats. */
+void cp_attention_backward_prefix(float *dq, float *dk, float *dv, float *dpk, float *dpv,
+                                  float *scratch, const float *dout, const float *att,
+                                  const float *q, const float *k, const float *v,
+                                  const float *pk, const float *pv, int B, int T, int P, int H,
+                                  int KVH, int D, int window);
 
 #endif

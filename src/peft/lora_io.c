@@ -9,14 +9,19 @@
 
 #include "core/file.h"
 #include "io/safetensors.h"
+#include "peft/modules_to_save.h"
 #include "tasks/seq_cls.h"
 
 void cp_lora_tensor_name(const cp_model_config *cfg, char *buf, size_t size, int layer,
                          cp_proj p, char which)
 {
     const char *layers = cfg->conv1d ? "transformer.h" : "model.layers";
-    snprintf(buf, size, "base_model.model.%s.%d.%s.lora_%c.weight", layers, layer,
-             cp_proj_path(cfg, p), which);
+    if (which == 'M')
+        snprintf(buf, size, "base_model.model.%s.%d.%s.lora_magnitude_vector", layers, layer,
+                 cp_proj_path(cfg, p));
+    else
+        snprintf(buf, size, "base_model.model.%s.%d.%s.lora_%c.weight", layers, layer,
+                 cp_proj_path(cfg, p), which);
 }
 
 /* The double nearest the float's shortest decimal form, so that 0.05f is
@@ -73,6 +78,7 @@ static cJSON *build_config(const cp_lora *lora, const char *base_model)
     cJSON_AddNullToObject(root, "revision");
     cJSON_AddItemToObject(root, "target_modules", targets);
     cJSON_AddStringToObject(root, "task_type", "CAUSAL_LM");
+    cJSON_AddBoolToObject(root, "use_dora", p->use_dora);
     cJSON_AddBoolToObject(root, "use_rslora", p->use_rslora);
     return root;
 }
@@ -80,8 +86,9 @@ static cJSON *build_config(const cp_lora *lora, const char *base_model)
 cp_status cp_lora_save(const cp_lora *lora, const char *dir, const char *base_model,
                        cp_error *err)
 {
-    /* Tensors: every slot's A and B in float32, named as PEFT names them. */
-    size_t n = 0, cap = (size_t)lora->n_layers * CP_PROJ_COUNT * 2;
+    /* Tensors: every slot's A, B (and DoRA magnitude, 1-D) in float32, named
+     * as PEFT names them. */
+    size_t n = 0, cap = (size_t)lora->n_layers * CP_PROJ_COUNT * 3;
     cp_st_tensor *tensors = calloc(cap ? cap : 1, sizeof *tensors);
     char (*names)[128] = calloc(cap ? cap : 1, sizeof *names);
     cp_status st = CP_OK;
@@ -104,6 +111,13 @@ cp_status cp_lora_save(const cp_lora *lora, const char *dir, const char *base_mo
                 t->data = which ? s->B : s->A;
                 t->nbytes = (size_t)t->shape[0] * t->shape[1] * sizeof(float);
             }
+            if (!s->magnitude)
+                continue;
+            cp_lora_tensor_name(&lora->cfg, names[n], sizeof names[n], l, (cp_proj)p, 'M');
+            tensors[n] = (cp_st_tensor){.name = names[n], .dtype = CP_DTYPE_F32, .ndim = 1,
+                                        .shape = {s->out}, .data = s->magnitude,
+                                        .nbytes = (size_t)s->out * sizeof(float)};
+            n++;
         }
     }
 
@@ -154,6 +168,12 @@ static cp_status parse_targets(const cp_model_config *cfg, const cJSON *item, un
                                const char *path, cp_error *err)
 {
     cp_status st;
+    if (!item || cJSON_IsNull(item)) {
+        /* PEFT's default for the architecture (its LoRA target module
+         * mapping): c_attn for GPT-2, q_proj and v_proj for the others. */
+        *mask = cfg->fused_qkv ? 1u << CP_PROJ_QKV : (1u << CP_PROJ_Q) | (1u << CP_PROJ_V);
+        return CP_OK;
+    }
     if (cJSON_IsString(item)) {
         st = cp_proj_parse_list(cfg, item->valuestring, mask, err);
         return st ? cp_error_prefix(err, "%s: target_modules", path) : CP_OK;
@@ -175,23 +195,28 @@ static cp_status parse_targets(const cp_model_config *cfg, const cJSON *item, un
     return CP_OK;
 }
 
-/* Accepts modules_to_save when it is empty, or when a SEQ_CLS adapter lists
- * only its classification head (PEFT adds "score" or "classifier" itself),
- * whose weights src/tasks/seq_cls_io.c reads. */
+/* Accepts modules_to_save as a list of module names. A SEQ_CLS adapter's
+ * classification head (PEFT adds "score" or "classifier" itself) is read by
+ * src/tasks/seq_cls_io.c, and other adapters may not list one. The copies of
+ * other modules are read by peft/modules_to_save.c, which checks them
+ * against the model. */
 static cp_status check_modules_to_save(const cJSON *root, int seq_cls, const char *path,
                                        cp_error *err)
 {
     const cJSON *modules = cJSON_GetObjectItemCaseSensitive(root, "modules_to_save");
-    if (!seq_cls || !cJSON_IsArray(modules))
+    if (!cJSON_IsArray(modules))
         return reject_if_set(root, "modules_to_save", path, err);
     const cJSON *el;
     cJSON_ArrayForEach(el, modules)
     {
-        if (!cJSON_IsString(el) || !cp_seq_cls_is_head_module(el->valuestring))
+        if (!cJSON_IsString(el))
             return cp_error_set(err, CP_ERR_INPUT,
-                                "%s: modules_to_save lists %s; cpeft supports only the "
-                                "classification head (\"score\" or \"classifier\") there",
-                                path, cJSON_IsString(el) ? el->valuestring : "a non-string");
+                                "%s: modules_to_save must list module names (strings); fix "
+                                "adapter_config.json",
+                                path);
+        /* A classification head belongs to SEQ_CLS adapters only. */
+        if (!seq_cls && cp_seq_cls_is_head_module(el->valuestring))
+            return reject_if_set(root, "modules_to_save", path, err);
     }
     return CP_OK;
 }
@@ -232,9 +257,8 @@ static cp_status parse_config(const cp_model_config *cfg, const char *text, cons
                           "SEQ_CLS adapters",
                           path, cJSON_IsString(task) ? task->valuestring : "(not a string)");
     *seq_cls = cJSON_IsString(task) && strcmp(task->valuestring, "SEQ_CLS") == 0;
-    static const char *const unsupported[] = {
-        "use_dora", "layers_to_transform", "rank_pattern",
-        "alpha_pattern", "layer_replication", "lora_bias"};
+    static const char *const unsupported[] = {"layers_to_transform", "rank_pattern",
+                                              "alpha_pattern", "layer_replication", "lora_bias"};
     for (size_t i = 0; st == CP_OK && i < sizeof unsupported / sizeof *unsupported; i++)
         st = reject_if_set(root, unsupported[i], path, err);
     if (st == CP_OK)
@@ -256,12 +280,25 @@ static cp_status parse_config(const cp_model_config *cfg, const char *text, cons
         p->alpha = (float)alpha->valuedouble;
         p->dropout = cJSON_IsNumber(dropout) ? (float)dropout->valuedouble : 0.0f;
         p->use_rslora = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(root, "use_rslora"));
+        p->use_dora = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(root, "use_dora"));
     }
     cJSON_Delete(root);
     return st;
 }
 
-/* Copies one stored tensor into dst after checking its shape. */
+/* Writes a shape as "[8, 64]" or "[64]". */
+static void format_shape(char *buf, size_t size, int ndim, const int64_t *shape)
+{
+    size_t used = (size_t)snprintf(buf, size, "[");
+    for (int i = 0; i < ndim && used < size; i++)
+        used += (size_t)snprintf(buf + used, size - used, "%s%lld", i ? ", " : "",
+                                 (long long)shape[i]);
+    if (used < size)
+        snprintf(buf + used, size - used, "]");
+}
+
+/* Copies one stored tensor of shape (rows, cols), or (rows) when cols is 0,
+ * into dst after checking its shape. */
 static cp_status load_tensor(const cp_safetensors *st_file, const char *name, int64_t rows,
                              int64_t cols, float *dst, const char *path, cp_error *err)
 {
@@ -270,14 +307,18 @@ static cp_status load_tensor(const cp_safetensors *st_file, const char *name, in
         return cp_error_set(err, CP_ERR_INPUT,
                             "%s: missing tensor \"%s\" that adapter_config.json implies", path,
                             name);
-    if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != cols)
+    int ndim = cols ? 2 : 1;
+    int64_t want[2] = {rows, cols};
+    if (t->ndim != ndim || t->shape[0] != rows || (cols && t->shape[1] != cols)) {
+        char found[96], expected[64];
+        format_shape(found, sizeof found, t->ndim, t->shape);
+        format_shape(expected, sizeof expected, ndim, want);
         return cp_error_set(err, CP_ERR_INPUT,
-                            "%s: tensor \"%s\" has shape [%lld, %lld], expected [%lld, %lld] for "
-                            "this base model and r; the adapter was made for another model",
-                            path, name, (long long)t->shape[0],
-                            (long long)(t->ndim > 1 ? t->shape[1] : 0), (long long)rows,
-                            (long long)cols);
-    size_t n = (size_t)rows * cols, esize = cp_dtype_size(t->dtype);
+                            "%s: tensor \"%s\" has shape %s, expected %s for this base model and "
+                            "r; the adapter was made for another model",
+                            path, name, found, expected);
+    }
+    size_t n = (size_t)rows * (cols ? cols : 1), esize = cp_dtype_size(t->dtype);
     for (size_t i = 0; i < n; i++) {
         uint32_t raw = 0;
         memcpy(&raw, (const uint8_t *)t->data + i * esize, esize);
@@ -286,15 +327,61 @@ static cp_status load_tensor(const cp_safetensors *st_file, const char *name, in
     return CP_OK;
 }
 
+/* Writes the stored name of a slot's DoRA magnitude into name. PEFT writes
+ * "...lora_magnitude_vector", and "...lora_magnitude_vector.weight", the
+ * name inside PEFT's modules, is accepted too. Rejects a file with both. */
+static cp_status find_magnitude_name(const cp_lora *lora, const cp_safetensors *file,
+                                     int layer, cp_proj p, char *name, size_t size,
+                                     const char *path, cp_error *err)
+{
+    cp_lora_tensor_name(&lora->cfg, name, size, layer, p, 'M');
+    int plain = cp_safetensors_find(file, name) != NULL;
+    size_t len = strlen(name);
+    snprintf(name + len, size - len, ".weight");
+    int suffixed = cp_safetensors_find(file, name) != NULL;
+    if (plain && suffixed)
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: the DoRA magnitude \"%s\" is stored twice, with and without "
+                            "\".weight\"; keep one of the two tensors",
+                            path, name);
+    if (!suffixed)
+        name[len] = '\0';
+    return CP_OK;
+}
+
+/* Returns 1 if found names the A, B or magnitude of a slot this adapter has. */
+static int is_slot_tensor(const cp_lora *lora, const char *found)
+{
+    char name[176];
+    for (int l = 0; l < lora->n_layers; l++) {
+        for (int p = 0; p < CP_PROJ_COUNT; p++) {
+            const cp_lora_slot *s = cp_lora_slot_at(lora, l, (cp_proj)p);
+            if (!s->A)
+                continue;
+            for (int w = 0; w < (s->magnitude ? 3 : 2); w++) {
+                cp_lora_tensor_name(&lora->cfg, name, sizeof name, l, (cp_proj)p, "ABM"[w]);
+                size_t len = strlen(name);
+                if (strncmp(name, found, len) == 0 &&
+                    (found[len] == '\0' || (w == 2 && strcmp(found + len, ".weight") == 0)))
+                    return 1;
+            }
+        }
+    }
+    return 0;
+}
+
 /* Fills every slot from the file and rejects tensors no slot claims. The
  * classification head of a SEQ_CLS adapter is left to cp_seq_cls_load. */
 static cp_status load_tensors(cp_lora *lora, const cp_safetensors *file, int seq_cls,
                               const char *path, cp_error *err)
 {
-    char name[160];
+    char name[176];
     size_t claimed = 0;
     for (size_t i = 0; seq_cls && i < cp_safetensors_count(file); i++)
         claimed += cp_seq_cls_is_head_tensor(cp_safetensors_at(file, i)->name);
+    /* modules_to_save copies are read by cp_modules_to_save_load. */
+    for (size_t i = 0; i < cp_safetensors_count(file); i++)
+        claimed += cp_modules_to_save_is_tensor(cp_safetensors_at(file, i)->name);
     cp_status st = CP_OK;
     for (int l = 0; st == CP_OK && l < lora->n_layers; l++) {
         for (int p = 0; st == CP_OK && p < CP_PROJ_COUNT; p++) {
@@ -307,26 +394,30 @@ static cp_status load_tensors(cp_lora *lora, const cp_safetensors *file, int seq
             if (st == CP_OK)
                 st = load_tensor(file, name, s->out, lora->params.r, s->B, path, err);
             claimed += 2;
+            if (st != CP_OK || !s->magnitude)
+                continue;
+            st = find_magnitude_name(lora, file, l, (cp_proj)p, name, sizeof name, path, err);
+            if (st == CP_OK)
+                st = load_tensor(file, name, s->out, 0, s->magnitude, path, err);
+            claimed++;
         }
     }
     if (st == CP_OK && claimed != cp_safetensors_count(file)) {
         /* Name the first tensor that belongs to no slot. */
         for (size_t i = 0; i < cp_safetensors_count(file); i++) {
             const char *found = cp_safetensors_at(file, i)->name;
-            int known = seq_cls && cp_seq_cls_is_head_tensor(found);
-            for (int l = 0; !known && l < lora->n_layers; l++)
-                for (int p = 0; !known && p < CP_PROJ_COUNT; p++)
-                    for (int w = 0; !known && w < 2; w++) {
-                        cp_lora_tensor_name(&lora->cfg, name, sizeof name, l, (cp_proj)p,
-                                            "AB"[w]);
-                        known = strcmp(name, found) == 0 && cp_lora_slot_at(lora, l, (cp_proj)p)->A;
-                    }
-            if (!known)
+            if (!(seq_cls && cp_seq_cls_is_head_tensor(found)) && !is_slot_tensor(lora, found) &&
+                !cp_modules_to_save_is_tensor(found))
                 return cp_error_set(err, CP_ERR_INPUT,
                                     "%s: unexpected tensor \"%s\"; the adapter does not match "
                                     "this base model or its adapter_config.json",
                                     path, found);
         }
+        /* Every name is known, so some tensor was counted for two roles. */
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: %zu tensors found for %zu expected; a tensor matches two roles "
+                            "(adapter, head or modules_to_save copy), so rename or drop it",
+                            path, cp_safetensors_count(file), claimed);
     }
     return st;
 }

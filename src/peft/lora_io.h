@@ -5,9 +5,11 @@
  *
  * Loading accepts adapters cpeft or PEFT wrote for the same base model, with
  * task_type CAUSAL_LM or SEQ_CLS (whose classification head
- * cp_seq_cls_load reads), and rejects settings it cannot apply (DoRA, other
- * modules_to_save, per-layer rank or alpha patterns, layer subsets, regex
- * targets) by name.
+ * cp_seq_cls_load reads), with or without DoRA. A DoRA adapter (use_dora)
+ * has one 1-D "...lora_magnitude_vector" tensor per adapted module.
+ * Loading rejects settings it cannot apply (other modules_to_save, per-layer
+ * rank or alpha patterns, layer subsets, regex targets) by name, and reads
+ * target_modules null as PEFT's default for the architecture.
  */
 #ifndef CP_LORA_IO_H
 #define CP_LORA_IO_H
@@ -27,7 +29,8 @@ cp_status cp_lora_load(cp_lora *lora, const char *dir, const cp_model_config *cf
 
 /* PEFT's tensor name for one slot's A ('A') or B ('B') matrix, e.g.
  * base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight, or for
- * GPT-2 base_model.model.transformer.h.0.attn.c_attn.lora_A.weight. */
+ * GPT-2 base_model.model.transformer.h.0.attn.c_attn.lora_A.weight; 'M'
+ * names the DoRA magnitude, ...q_proj.lora_magnitude_vector, as PEFT saves it. */
 void cp_lora_tensor_name(const cp_model_config *cfg, char *buf, size_t size, int layer,
                          cp_proj p, char which);
 

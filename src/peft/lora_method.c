@@ -1,6 +1,8 @@
 /*
  * LoRA as a registered method: the cp_method_ops table over cp_lora
- * (lora.c computes, lora_io.c reads and writes the PEFT files).
+ * (lora.c computes, lora_io.c reads and writes the PEFT files). DoRA is the
+ * same method with use_dora set: its attached copy of the table differs only
+ * in rewrites_output_grad, because its backward pass scales dout.
  */
 #include <stdlib.h>
 
@@ -16,11 +18,13 @@ typedef struct lora_state {
 
 static cp_lora *lora_of(const cp_method *self) { return ((lora_state *)self->state)->lora; }
 
-/* One optimizer entry per A and B matrix. */
+/* One optimizer entry per A and B matrix and DoRA magnitude. The magnitude
+ * decays like the matrices, as the Hugging Face Trainer decays every
+ * parameter but biases and norm weights. */
 static cp_status list_params(cp_method *self, cp_error *err)
 {
     cp_lora *lora = lora_of(self);
-    int cap = lora->n_layers * CP_PROJ_COUNT * 2, n = 0;
+    int cap = lora->n_layers * CP_PROJ_COUNT * 3, n = 0;
     self->params = calloc((size_t)cap, sizeof *self->params);
     if (!self->params)
         return cp_error_nomem(err, "parameter list", (size_t)cap * sizeof *self->params);
@@ -33,14 +37,34 @@ static cp_status list_params(cp_method *self, cp_error *err)
             const char *name = cp_proj_name(&lora->cfg, (cp_proj)p);
             self->params[n++] = (cp_param_ref){name, s->A, s->dA, r * s->in, 1};
             self->params[n++] = (cp_param_ref){name, s->B, s->dB, r * s->out, 1};
+            if (s->magnitude)
+                self->params[n++] =
+                    (cp_param_ref){name, s->magnitude, s->dmagnitude, (size_t)s->out, 1};
         }
     }
     self->n_params = n;
     return CP_OK;
 }
 
+extern const cp_method_ops cp_lora_method;
+static const cp_method_ops dora_ops;
+
 static cp_status wrap(cp_method *self, cp_lora *lora, int owned, cp_error *err)
 {
+    if (lora->params.use_dora && !lora->bound) {
+        if (owned) {
+            cp_lora_free(lora);
+            free(lora);
+        }
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "the DoRA adapter is not bound to a model; call cp_lora_bind_model "
+                            "before attaching it");
+    }
+    /* A method that wraps LoRA's hooks (QLoRA) keeps its own table, which
+     * must then let project_backward scale dout. */
+    if (lora->params.use_dora && self->ops == &cp_lora_method)
+        self->ops = &dora_ops;
+    CP_ASSERT(!lora->params.use_dora || self->ops->rewrites_output_grad);
     lora_state *state = malloc(sizeof *state);
     if (!state) {
         if (owned) {
@@ -70,6 +94,11 @@ static cp_status lora_create(cp_method *self, const cp_model *m, const cp_method
         free(lora);
         return st;
     }
+    if ((st = cp_lora_bind_model(lora, m, 1, err)) != CP_OK) {
+        cp_lora_free(lora);
+        free(lora);
+        return st;
+    }
     return wrap(self, lora, 1, err);
 }
 
@@ -80,6 +109,11 @@ static cp_status lora_load(cp_method *self, const cp_model *m, const char *dir, 
         return cp_error_nomem(err, "the adapter", sizeof *lora);
     cp_status st = cp_lora_load(lora, dir, &m->cfg, err);
     if (st != CP_OK) {
+        free(lora);
+        return st;
+    }
+    if ((st = cp_lora_bind_model(lora, m, 0, err)) != CP_OK) {
+        cp_lora_free(lora);
         free(lora);
         return st;
     }
@@ -126,7 +160,23 @@ const cp_method_ops cp_lora_method = {
     .name = "lora",
     .peft_type = "LORA",
     .summary = "low-rank adapters B A beside the frozen projections (--r, --alpha, --rslora, "
-               "--target)",
+               "--dora, --target)",
+    .create = lora_create,
+    .load = lora_load,
+    .save = lora_save,
+    .destroy = lora_destroy,
+    .reserve = lora_reserve,
+    .project = lora_project,
+    .project_backward = lora_project_backward,
+};
+
+/* The table a DoRA adapter attaches with: LoRA's, but dout reaches
+ * project_backward as a copy it may scale. */
+static const cp_method_ops dora_ops = {
+    .name = "lora",
+    .peft_type = "LORA",
+    .summary = "weight-decomposed LoRA",
+    .rewrites_output_grad = 1,
     .create = lora_create,
     .load = lora_load,
     .save = lora_save,

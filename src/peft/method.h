@@ -11,6 +11,10 @@
  *                           LoRA adds B A x, IA³ scales the output, a
  *                           bottleneck adapter adds f(out) to out
  *   project_input           before the product: IA³ scales the MLP's input
+ *   embed_virtual           virtual rows before the token embeddings: prompt
+ *                           tuning's soft prompt
+ *   attention_prefix        key/value rows before every layer's own: prefix
+ *                           tuning
  *
  * The model calls the hooks in cp_model_project and in its backward pass;
  * the trainer uses only params (what AdamW updates) and save.
@@ -55,6 +59,7 @@ typedef struct cp_method_ops {
     const char *peft_type; /* adapter_config.json "peft_type" this method reads, or NULL */
     const char *summary;   /* one line for cpeft train --help */
     int rewrites_output_grad; /* project_backward changes dout, so it needs a copy */
+    int nf4_base;          /* the trainer quantizes the base's projections to NF4 first */
 
     /* Sets up self->state and self->params for model m, freshly initialized. */
     cp_status (*create)(cp_method *self, const struct cp_model *m, const cp_method_settings *s,
@@ -88,6 +93,40 @@ typedef struct cp_method_ops {
      * accumulates the parameter gradients. */
     void (*project_input_backward)(cp_method *self, int l, cp_proj p, float *dx,
                                    const float *dxin, const float *x, int N);
+
+    /* Embedding hook: the number n of virtual rows placed before every
+     * sequence's token embeddings (prompt tuning's soft prompt). They take
+     * positions 0..n-1, the tokens follow, and only the tokens get logits. */
+    int (*virtual_tokens)(const cp_method *self);
+    /* Writes the n virtual rows (n, C) into out; the model adds learned
+     * position embeddings where it has them. */
+    void (*embed_virtual)(cp_method *self, float *out);
+    /* Backward of embed_virtual: dout (B, n, C) is the gradient of the
+     * virtual rows of B sequences; the method accumulates its gradients. */
+    void (*embed_virtual_backward)(cp_method *self, const float *dout, int B);
+
+    /* Attention prefix hook: the number P of key/value positions placed
+     * before every layer's own keys and values (prefix tuning). They take
+     * positions 0..P-1 and the real tokens' positions start at P. */
+    int (*prefix_tokens)(const cp_method *self);
+    /* Points *k and *v at layer l's prefix keys and values, each (P, KVH, D),
+     * which attention uses as given (no RoPE) and every query attends to. A pass
+     * asks for layer 0 first, so the method may compute every layer's
+     * prefixes then; the arrays stay valid until the next call for layer 0. */
+    void (*attention_prefix)(cp_method *self, int l, const float **k, const float **v);
+    /* Backward of attention_prefix: dk and dv (P, KVH, D) are the gradients
+     * of layer l's prefixes, summed over the batch. A backward pass calls it
+     * for every layer, layer 0 last; the method accumulates its gradients. */
+    void (*attention_prefix_backward)(cp_method *self, int l, const float *dk,
+                                      const float *dv);
+
+    /* Base-tensor hook, for methods that train the model's own tensors (full,
+     * BitFit): called once after create or load with the model made mutable.
+     * It points m's weight pointers at the method's float32 master copies
+     * (so the mapped base is never written) and m's gradient table (dw,
+     * dbias, dembed, ... in model/model.h) at the method's gradients. The
+     * pointers stay valid until the method is destroyed. */
+    cp_status (*bind_base)(cp_method *self, struct cp_model *m, cp_error *err);
 } cp_method_ops;
 
 /* An attached method: what the model's hooks and the trainer use. */
@@ -115,9 +154,10 @@ cp_status cp_method_create(const cp_method_ops *ops, const struct cp_model *m,
                            const cp_method_settings *s, cp_method **out, cp_error *err);
 
 /* Reads the method saved in run folder dir: adapter_config.json's
- * "peft_type", or "cpeft_method" for formats PEFT does not define, picks it. */
-cp_status cp_method_load(const char *dir, const struct cp_model *m, cp_method **out,
-                         cp_error *err);
+ * "peft_type", or "cpeft_method" for formats PEFT does not define, picks it.
+ * A method with bind_base, and PEFT's modules_to_save tensors, change m's
+ * weight pointers and gradient table (see bind_base). */
+cp_status cp_method_load(const char *dir, struct cp_model *m, cp_method **out, cp_error *err);
 
 void cp_method_free(cp_method *method);
 

@@ -10,12 +10,27 @@
 #include <string.h>
 
 #include "core/file.h"
+#include "peft/modules_to_save.h"
 
 extern const cp_method_ops cp_lora_method;
+extern const cp_method_ops cp_prompt_method;
+extern const cp_method_ops cp_prefix_method;
+extern const cp_method_ops cp_ia3_method;
+extern const cp_method_ops cp_bottleneck_method;
+extern const cp_method_ops cp_qlora_method;
+extern const cp_method_ops cp_full_method;
+extern const cp_method_ops cp_bitfit_method;
 
 /* Every method, in the order cpeft train --help lists them. */
 static const cp_method_ops *const methods[] = {
     &cp_lora_method,
+    &cp_ia3_method,
+    &cp_bottleneck_method,
+    &cp_qlora_method,
+    &cp_prompt_method,
+    &cp_prefix_method,
+    &cp_full_method,
+    &cp_bitfit_method,
 };
 
 #define N_METHODS ((int)(sizeof methods / sizeof *methods))
@@ -121,8 +136,7 @@ static cp_status method_of_config(const char *path, const cp_method_ops **ops, c
     return st;
 }
 
-cp_status cp_method_load(const char *dir, const struct cp_model *m, cp_method **out,
-                         cp_error *err)
+cp_status cp_method_load(const char *dir, struct cp_model *m, cp_method **out, cp_error *err)
 {
     *out = NULL;
     char *path = cp_path_join(dir, "adapter_config.json");
@@ -136,7 +150,12 @@ cp_status cp_method_load(const char *dir, const struct cp_model *m, cp_method **
     cp_method *method = method_new(ops, err);
     if (!method)
         return CP_ERR_NOMEM;
-    if ((st = ops->load(method, m, dir, err)) != CP_OK) {
+    st = ops->load(method, m, dir, err);
+    if (st == CP_OK && ops->bind_base)
+        st = ops->bind_base(method, m, err);
+    if (st == CP_OK)
+        st = cp_modules_to_save_load(method, m, dir, err);
+    if (st != CP_OK) {
         cp_method_free(method);
         return st;
     }

@@ -13,8 +13,9 @@
 
 /* Files a run writes; an existing folder holding anything else is not replaced. */
 static const char *const run_files[] = {
-    "adapter_config.json", "adapter_model.safetensors", "metrics.jsonl",
-    "trainer_state.json",  "optimizer.safetensors",     "report.html",
+    "adapter_config.json", "adapter_model.safetensors", "adapter.safetensors",
+    "metrics.jsonl",       "trainer_state.json",        "optimizer.safetensors",
+    "report.html",
 };
 
 static int is_run_file(const char *name)

@@ -15,6 +15,7 @@
 #include "model/model.h"
 #include "io/tokenizer_config.h"
 #include "peft/method.h"
+#include "peft/modules_to_save.h"
 #include "train/dataset.h"
 #include "train/optimizer.h"
 #include "train/run_folder.h"
@@ -157,9 +158,9 @@ static cp_status allocate_activations(trainer *t, int B, int T, cp_error *err)
     cp_status st = t->method->ops->reserve(t->method, B * T, 1, err);
     t->method->training = 1;
     if (st == CP_OK)
-        st = cp_forward_buffers_init(&t->fb, &t->model->cfg, B, T, 1, err);
+        st = cp_forward_buffers_init_model(&t->fb, t->model, B, T, 1, err);
     if (st == CP_OK)
-        st = cp_backward_buffers_init(&t->bb, &t->model->cfg, B, T, err);
+        st = cp_backward_buffers_init_model(&t->bb, t->model, B, T, err);
     if (st == CP_ERR_NOMEM) {
         char cause[CP_ERROR_MSG_MAX];
         snprintf(cause, sizeof cause, "%s", err->msg);
@@ -180,9 +181,17 @@ static cp_status setup(trainer *t, const cp_train_params *p, cp_error *err)
         st = cp_run_folder_begin(&t->run, p->out_dir, err);
     if (st == CP_OK)
         st = load_inputs(t, p, &ms, err);
+    const cp_method_ops *ops = cp_method_find(p->method_name ? p->method_name : "lora");
+    if (st == CP_OK && ops->nf4_base)
+        st = cp_model_quantize_nf4(t->model, ms.double_quant, err);
     if (st == CP_OK)
-        st = cp_method_create(cp_method_find(p->method_name ? p->method_name : "lora"), t->model,
-                              &ms, &t->method, err);
+        st = cp_method_create(ops, t->model, &ms, &t->method, err);
+    /* Methods that train base tensors, and --modules-to-save, point the
+     * model's weights at their float32 copies. */
+    if (st == CP_OK && ops->bind_base)
+        st = ops->bind_base(t->method, t->model, err);
+    if (st == CP_OK && ms.modules_to_save)
+        st = cp_modules_to_save_attach(t->method, t->model, ms.modules_to_save, err);
     if (st == CP_OK) {
         t->model->method = t->method;
         st = allocate_activations(t, B, T, err);
@@ -325,6 +334,7 @@ cp_status cp_train_run(const cp_train_params *p, cp_train_callback callback, voi
     if (st == CP_OK) {
         result->trainable_params = cp_method_param_count(t.method);
         result->base_params = count_base_params(&t.model->cfg);
+        cp_model_nf4_stats(t.model, &result->nf4);
         st = run_loop(&t, p, callback, ctx, result, err);
     }
 

@@ -12,6 +12,7 @@
 
 #include <stdint.h>
 
+#include "model/model.h"
 #include "peft/method.h"
 #include "train/schedule.h"
 
@@ -59,6 +60,7 @@ typedef struct cp_train_result {
     double final_train_loss;
     size_t trainable_params;
     size_t base_params;
+    cp_nf4_stats nf4;        /* the NF4 base of QLoRA (n_matrices 0 otherwise) */
 } cp_train_result;
 
 /* Trains, writes the run folder (adapter_config.json,
