@@ -259,6 +259,8 @@ TEST(train_rejects_bad_input)
     check_train_error(dir, "--target q_proj,qkv_proj", "unknown target module \"qkv_proj\"");
     check_train_error(dir, "--seq-len 600", "600");
     check_train_error(dir, "--method loha", "unknown --method \"loha\"");
+    check_train_error(dir, "--method ia3 --modules-to-save lm_head",
+                      "--modules-to-save works with --method lora or qlora, not ia3");
     check_train_error(dir, "--r 0", "r must be positive");
     check_train_error(dir, "--schedule exp", "exp");
     snprintf(extra, sizeof extra, "--eval-data '%s'", empty);

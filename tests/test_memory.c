@@ -65,7 +65,9 @@ static void add_layer(tensor_list *l, cp_rng *rng, int i)
     }
 }
 
-TEST(gpt2_124m_generates_within_rss_budget)
+/* Writes a GPT-2-124M-shaped random checkpoint with GPT-2's tokenizer into
+ * a new folder and returns the folder; *path gets the checkpoint's path. */
+static const char *write_gpt2_124m(char **path)
 {
     const char *dir = test_tmpdir();
     static const char config[] =
@@ -90,13 +92,27 @@ TEST(gpt2_124m_generates_within_rss_budget)
         add_layer(l, &rng, i);
     add(l, &rng, "ln_f.weight", C, 0, 1);
     add(l, &rng, "ln_f.bias", C, 0, 0);
-    char *path = cp_path_join(dir, "model.safetensors");
+    *path = cp_path_join(dir, "model.safetensors");
     cp_error err = {0};
-    CHECK_MSG(cp_safetensors_write(path, l->t, l->n, NULL, 0, &err) == CP_OK, "%s", err.msg);
+    CHECK_MSG(cp_safetensors_write(*path, l->t, l->n, NULL, 0, &err) == CP_OK, "%s", err.msg);
     for (size_t i = 0; i < l->n; i++)
         free((void *)l->t[i].data);
     free(l);
+    return dir;
+}
 
+/* The peak RSS of the largest child process waited for so far, in bytes. */
+static double children_peak_rss(void)
+{
+    struct rusage usage;
+    getrusage(RUSAGE_CHILDREN, &usage);
+    return (double)usage.ru_maxrss * 1024; /* ru_maxrss is in KiB */
+}
+
+TEST(gpt2_124m_generates_within_rss_budget)
+{
+    char *path = NULL;
+    const char *dir = write_gpt2_124m(&path);
     struct stat st;
     CHECK(stat(path, &st) == 0);
     char args[600], *out = NULL, *err_text = NULL;
@@ -105,13 +121,47 @@ TEST(gpt2_124m_generates_within_rss_budget)
     CHECK_EQ_INT(test_run_cli(args, NULL, &out, &err_text), 0);
     CHECK_MSG(strncmp(out, "Hello, world", 12) == 0, "%s %s", out, err_text);
 
-    /* ru_maxrss is in KiB: the largest child so far, which is cpeft. */
-    struct rusage usage;
-    getrusage(RUSAGE_CHILDREN, &usage);
-    double peak = (double)usage.ru_maxrss * 1024, size = (double)st.st_size;
+    double peak = children_peak_rss(), size = (double)st.st_size;
     CHECK_MSG(peak < 1.3 * size, "peak RSS %.0f MB for a %.0f MB checkpoint (%.2fx, limit 1.3x)",
               peak / 1e6, size / 1e6, peak / size);
     fprintf(stderr, "    peak RSS %.0f MB for a %.0f MB checkpoint (%.2fx)\n", peak / 1e6,
             size / 1e6, peak / size);
     free(out), free(err_text), free(path);
+}
+
+/* QLoRA's point: training at B=1, T=128 with the projections in NF4 peaks at
+ * no more than half of float32 LoRA's resident memory, as cpeft train reports
+ * it (VmHWM: the children's ru_maxrss would include this process's heap,
+ * which a child holds between fork and exec). */
+TEST(qlora_124m_training_rss_below_half_of_lora)
+{
+    char *path = NULL;
+    const char *dir = write_gpt2_124m(&path);
+    char *text = NULL;
+    size_t len = 0;
+    cp_error err = {0};
+    CHECK(cp_file_read(test_shared("data/tinyshakespeare/input.txt"), &text, &len, &err) == CP_OK);
+    char *data = test_write_file(dir, "train.txt", text, len > 40000 ? 40000 : len);
+    free(text);
+
+    double peak[2];
+    const char *methods[2] = {"qlora", "lora"};
+    for (int i = 0; i < 2; i++) {
+        char args[1200], *out = NULL, *err_text = NULL;
+        snprintf(args, sizeof args,
+                 "train --model '%s' --data '%s' --out '%s/run-%s' --method %s --steps 2 "
+                 "--batch-size 1 --seq-len 128 --quiet",
+                 dir, data, dir, methods[i], methods[i]);
+        CHECK_EQ_INT(test_run_cli(args, NULL, &out, &err_text), 0);
+        const char *line = out ? strstr(out, "peak memory: ") : NULL;
+        CHECK_MSG(line && sscanf(line, "peak memory: %lf", &peak[i]) == 1, "%s: %s %s",
+                  methods[i], out, err_text);
+        peak[i] *= 1 << 20;
+        free(out), free(err_text);
+    }
+    fprintf(stderr, "    peak RSS: QLoRA %.0f MB, LoRA %.0f MB (%.2fx)\n", peak[0] / 1e6,
+            peak[1] / 1e6, peak[0] / peak[1]);
+    CHECK_MSG(peak[0] <= 0.5 * peak[1], "QLoRA peak RSS %.0f MB is %.2fx of LoRA's %.0f MB",
+              peak[0] / 1e6, peak[0] / peak[1], peak[1] / 1e6);
+    free(data), free(path);
 }

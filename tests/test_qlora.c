@@ -105,6 +105,7 @@ TEST(qlora_step_matches_pytorch)
     double want = cJSON_GetObjectItem(expected, "loss_nf4")->valuedouble;
     double want_dq = cJSON_GetObjectItem(expected, "loss_nf4_double_quant")->valuedouble;
     double want_f32 = cJSON_GetObjectItem(expected, "loss_float32_base")->valuedouble;
+    double want_bf16 = cJSON_GetObjectItem(expected, "loss_nf4_bf16_embeddings")->valuedouble;
     CHECK_MSG(fabs(want - want_f32) > 1e-3, "NF4 changes the loss by only %g", want - want_f32);
 
     cp_lora lora;
@@ -121,6 +122,21 @@ TEST(qlora_step_matches_pytorch)
         double loss = step_loss(m, &lora);
         CHECK_MSG(fabs(loss - want_dq) <= 1e-4 * want_dq, "double quant: loss %.7f, PyTorch %.7f",
                   loss, want_dq);
+        cp_model_free(m);
+        cp_lora_free(&lora);
+    }
+
+    /* As cpeft train runs QLoRA: the embeddings and tied head in bfloat16. */
+    m = quantized_stories(0, &lora);
+    if (m) {
+        cp_error err = {0};
+        CHECK_MSG(cp_model_embeddings_to_bf16(m, &err) == CP_OK, "%s", err.msg);
+        CHECK(m->embed == NULL);
+        double loss = step_loss(m, &lora);
+        CHECK_MSG(fabs(loss - want_bf16) <= 1e-4 * want_bf16,
+                  "bfloat16 embeddings: loss %.7f, PyTorch %.7f", loss, want_bf16);
+        CHECK_MSG(fabs(loss - want) > 1e-4, "bfloat16 rounding changed the loss by only %g",
+                  loss - want);
         cp_model_free(m);
         cp_lora_free(&lora);
     }

@@ -57,6 +57,12 @@ def cmd_make_fixture(args):
         if not double_quant:
             write_safetensors(os.path.join(args.out_dir, "grads.safetensors"),
                               {name: g.float().numpy() for name, g in grads.items()})
+    # QLoRA as cpeft train runs it: the embeddings and the tied head also
+    # rounded to bfloat16 (round to nearest even, as torch rounds).
+    weights = nf4_base(weights32, False)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name] = weights[name].to(torch.bfloat16).double()
+    results["bf16_embeddings"], _ = ref_lora.loss_and_grads(cfg, weights, windows, adapter)
     full_loss, _ = ref_lora.loss_and_grads(cfg, {n: t.double() for n, t in weights32.items()}, windows,
                                            adapter)
     expected = {
@@ -66,6 +72,7 @@ def cmd_make_fixture(args):
         "regenerate": "/usr/bin/python3 tools/ref_qlora.py make-fixture",
         "loss_nf4": results["nf4"],
         "loss_nf4_double_quant": results["double_quant"],
+        "loss_nf4_bf16_embeddings": results["bf16_embeddings"],
         "loss_float32_base": full_loss,
     }
     with open(os.path.join(args.out_dir, "expected.json"), "w") as f:

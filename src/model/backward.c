@@ -14,6 +14,7 @@
 #include "ops/attention.h"
 #include "ops/cross_entropy.h"
 #include "ops/embedding.h"
+#include "ops/bf16_matmul.h"
 #include "ops/matmul.h"
 #include "ops/nf4.h"
 #include "ops/norm.h"
@@ -127,6 +128,18 @@ static void project_backward(const cp_model *m, cp_backward_buffers *bb, int l, 
     }
     if (input_hook)
         method->ops->project_input_backward(method, l, p, dx, dprod, x, N);
+}
+
+/* Backward of cp_model_head: dx (N, C) += dlogits · head, and the head's
+ * gradient where a method trains it (only a float32 head is trained). */
+static void head_backward(const cp_model *m, float *dx, const float *dlogits, const float *x,
+                          int N)
+{
+    int C = m->cfg.hidden_size, V = m->cfg.vocab_size;
+    if (m->lm_head)
+        cp_matmul_backward(dx, m->dlm_head, NULL, dlogits, x, m->lm_head, N, C, V);
+    else
+        cp_bf16_matmul_backward(dx, dlogits, m->lm_head_bf16, V, C, N);
 }
 
 /* Backward of cp_model_norm: accumulates into dinp, and into dweight and
@@ -296,14 +309,12 @@ double cp_model_backward(const cp_model *m, cp_forward_buffers *fb, cp_backward_
     /* Head and final norm: logits = norm_f(final) · lm_headᵀ, the tokens' rows only. */
     memset(bb->dnorm, 0, (size_t)rows * C * sizeof(float));
     if (fb->n_virtual == 0) {
-        cp_matmul_backward(bb->dnorm, m->dlm_head, NULL, fb->logits, fb->norm_f, m->lm_head, N,
-                           C, V);
+        head_backward(m, bb->dnorm, fb->logits, fb->norm_f, N);
     } else {
         for (int b = 0; b < fb->B; b++) {
             size_t token_rows = (size_t)b * fb->S + fb->n_virtual;
-            cp_matmul_backward(bb->dnorm + token_rows * C, m->dlm_head, NULL,
-                               fb->logits + (size_t)b * fb->T * V, fb->norm_f + token_rows * C,
-                               m->lm_head, fb->T, C, V);
+            head_backward(m, bb->dnorm + token_rows * C, fb->logits + (size_t)b * fb->T * V,
+                          fb->norm_f + token_rows * C, fb->T);
         }
     }
     memset(bb->dres, 0, (size_t)rows * C * sizeof(float));

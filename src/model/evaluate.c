@@ -11,14 +11,14 @@
 
 /* Windows per forward pass: enough to keep the matmuls busy, few enough that
  * the (B, H, S, P + S) attention probabilities and the (B, S, V) logits
- * stay within 64 MB. A window has
+ * stay within 32 MB. A window has
  * S = n_virtual + T rows after the method's P prefix positions. */
 static int windows_per_batch(const cp_model *m, int T)
 {
     size_t S = (size_t)cp_model_virtual_tokens(m) + T, P = (size_t)cp_model_prefix_tokens(m);
     size_t att_bytes = (size_t)m->cfg.n_heads * S * (P + S) * sizeof(float);
     size_t logits_bytes = S * (size_t)m->cfg.vocab_size * sizeof(float);
-    size_t budget = (size_t)64 << 20;
+    size_t budget = (size_t)32 << 20;
     int B = (int)(budget / (att_bytes + logits_bytes + 1));
     if (B > 16)
         B = 16;

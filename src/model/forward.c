@@ -7,7 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/dtype.h"
 #include "ops/activation.h"
+#include "ops/bf16_matmul.h"
 #include "ops/attention.h"
 #include "ops/embedding.h"
 #include "ops/matmul.h"
@@ -187,7 +189,13 @@ void cp_model_add_positions(const cp_model *m, float *x, const int *pos, int N)
 
 void cp_model_embed(const cp_model *m, float *out, const int32_t *ids, const int *pos, int N)
 {
-    cp_embedding_forward(out, ids, m->embed, N, m->cfg.hidden_size);
+    int C = m->cfg.hidden_size;
+    if (m->embed)
+        cp_embedding_forward(out, ids, m->embed, N, C);
+    else
+        for (int n = 0; n < N; n++)
+            cp_dtype_to_f32(CP_DTYPE_BF16, m->embed_bf16 + (size_t)ids[n] * C,
+                            out + (size_t)n * C, (size_t)C);
     cp_model_add_positions(m, out, pos, N);
 }
 
@@ -229,13 +237,21 @@ static void tokens_logits(const cp_model *m, const cp_forward_buffers *fb, const
 {
     int C = m->cfg.hidden_size, V = m->cfg.vocab_size, T = fb->T;
     if (fb->n_virtual == 0) {
-        cp_matmul_forward(fb->logits, x, m->lm_head, NULL, fb->B * T, C, V);
+        cp_model_head(m, fb->logits, x, fb->B * T);
         return;
     }
     for (int b = 0; b < fb->B; b++)
-        cp_matmul_forward(fb->logits + (size_t)b * T * V,
-                          x + ((size_t)b * fb->S + fb->n_virtual) * C, m->lm_head, NULL, T, C,
-                          V);
+        cp_model_head(m, fb->logits + (size_t)b * T * V, x + ((size_t)b * fb->S + fb->n_virtual) * C,
+                      T);
+}
+
+void cp_model_head(const cp_model *m, float *logits, const float *x, int N)
+{
+    int C = m->cfg.hidden_size, V = m->cfg.vocab_size;
+    if (m->lm_head)
+        cp_matmul_forward(logits, x, m->lm_head, NULL, N, C, V);
+    else
+        cp_bf16_matmul_forward(logits, x, m->lm_head_bf16, V, C, N);
 }
 
 void cp_model_qkv(const cp_model *m, int l, float *q, float *k, float *v, const float *x,

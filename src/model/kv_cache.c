@@ -80,7 +80,7 @@ static void step_row(const cp_model *m, cp_kv_cache *kv)
         cp_add_inplace(kv->x, kv->proj, (size_t)C);
     }
     cp_model_norm(m, kv->xn, NULL, NULL, kv->x, m->final_norm, m->final_norm_bias, 1);
-    cp_matmul_forward(kv->logits, kv->xn, m->lm_head, NULL, 1, C, c->vocab_size);
+    cp_model_head(m, kv->logits, kv->xn, 1);
     kv->len = pos + 1;
 }
 

@@ -255,6 +255,8 @@ void cp_model_free(cp_model *m)
         }
     }
     free(m->layers);
+    free(m->bf16_owned[0]);
+    free(m->bf16_owned[1]);
     free(m->inv_freq);
     free(m->dir);
     cp_model_detach_method(m);

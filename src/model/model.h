@@ -50,6 +50,9 @@ struct cp_model {
     const float *final_norm;  /* (C) */
     const float *final_norm_bias; /* (C), LayerNorm only */
     const float *lm_head;     /* (V, C); equals embed when tied */
+    const uint16_t *embed_bf16;   /* (V, C) bfloat16 embeddings in place of embed, or NULL */
+    const uint16_t *lm_head_bf16; /* (V, C) bfloat16 head in place of lm_head, or NULL */
+    uint16_t *bf16_owned[2];      /* the bfloat16 tables, freed with the model */
     float *inv_freq;          /* (D/2) RoPE frequencies */
     float **owned;            /* widened copies, freed with the model */
     int n_owned;
@@ -82,6 +85,15 @@ void cp_model_detach_method(cp_model *m);
  * float32 weight; embeddings, the head and the norms stay float32. With
  * double_quant the block scales are quantized again to 8 bits. */
 cp_status cp_model_quantize_nf4(cp_model *m, int double_quant, cp_error *err);
+
+/* Stores the token embeddings and the head in bfloat16 (QLoRA's base keeps
+ * them unquantized but need not keep them in float32), releasing the
+ * float32 tables: embed and lm_head become NULL, embed_bf16 and
+ * lm_head_bf16 take their place. Not for tensors a method trains. */
+cp_status cp_model_embeddings_to_bf16(cp_model *m, cp_error *err);
+
+/* logits (N, V) = x (N, C) · headᵀ, from the float32 or bfloat16 head. */
+void cp_model_head(const cp_model *m, float *logits, const float *x, int N);
 
 /* Sizes and scale errors of the NF4 projections, for reports. */
 typedef struct cp_nf4_stats {

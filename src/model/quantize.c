@@ -1,7 +1,7 @@
 /*
  * QLoRA's frozen base: every linear projection quantized to NF4 in place of
- * its float32 weight, which is then released. Embeddings, the head and the
- * norms stay in float32.
+ * its float32 weight, which is then released. The norms stay in float32, and
+ * the embeddings and head in float32 or bfloat16.
  */
 #include "model/model.h"
 
@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/dtype.h"
 #include "core/file.h"
 #include "ops/nf4.h"
 
@@ -93,4 +94,39 @@ void cp_model_nf4_stats(const cp_model *m, cp_nf4_stats *stats)
     }
     if (blocks)
         stats->scale_rms_error = sqrt(stats->scale_rms_error / (double)blocks);
+}
+
+/* Returns a bfloat16 copy of n float32 values, or NULL. */
+static uint16_t *narrow_copy(const float *src, size_t n)
+{
+    uint16_t *dst = malloc(n * sizeof *dst);
+    if (!dst)
+        return NULL;
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (size_t i = 0; i < n; i++)
+        dst[i] = cp_f32_to_bf16(src[i]);
+    return dst;
+}
+
+cp_status cp_model_embeddings_to_bf16(cp_model *m, cp_error *err)
+{
+    size_t n = (size_t)m->cfg.vocab_size * m->cfg.hidden_size;
+    if (!m->embed)
+        return CP_OK; /* already converted */
+    int tied = m->lm_head == m->embed;
+    uint16_t *embed = narrow_copy(m->embed, n);
+    uint16_t *head = tied || !embed ? embed : narrow_copy(m->lm_head, n);
+    if (!embed || !head) {
+        free(embed);
+        return cp_error_nomem(err, "the bfloat16 embeddings", n * sizeof *embed);
+    }
+    release_weight(m, m->embed, n);
+    if (!tied)
+        release_weight(m, m->lm_head, n);
+    m->bf16_owned[0] = embed;
+    m->bf16_owned[1] = tied ? NULL : head;
+    m->embed_bf16 = embed;
+    m->lm_head_bf16 = head;
+    m->embed = m->lm_head = NULL;
+    return CP_OK;
 }

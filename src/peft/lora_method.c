@@ -159,6 +159,7 @@ static void lora_project_backward(cp_method *self, int l, cp_proj p, float *dx, 
 const cp_method_ops cp_lora_method = {
     .name = "lora",
     .peft_type = "LORA",
+    .saves_modules = 1,
     .summary = "low-rank adapters B A beside the frozen projections (--r, --alpha, --rslora, "
                "--dora, --target)",
     .create = lora_create,
@@ -175,6 +176,7 @@ const cp_method_ops cp_lora_method = {
 static const cp_method_ops dora_ops = {
     .name = "lora",
     .peft_type = "LORA",
+    .saves_modules = 1,
     .summary = "weight-decomposed LoRA",
     .rewrites_output_grad = 1,
     .create = lora_create,

@@ -60,6 +60,7 @@ typedef struct cp_method_ops {
     const char *summary;   /* one line for cpeft train --help */
     int rewrites_output_grad; /* project_backward changes dout, so it needs a copy */
     int nf4_base;          /* the trainer quantizes the base's projections to NF4 first */
+    int saves_modules;     /* its files can carry --modules-to-save copies and load them back */
 
     /* Sets up self->state and self->params for model m, freshly initialized. */
     cp_status (*create)(cp_method *self, const struct cp_model *m, const cp_method_settings *s,

@@ -53,6 +53,7 @@ const cp_method_ops cp_qlora_method = {
     .peft_type = NULL, /* its adapters are PEFT LoRA adapters, loaded by "lora" */
     .summary = "LoRA on a base quantized to NF4 at load (--double-quant; LoRA's options apply)",
     .nf4_base = 1,
+    .saves_modules = 1,
     .create = qlora_create,
     .load = qlora_load,
     .save = qlora_save,

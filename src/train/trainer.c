@@ -108,12 +108,18 @@ static cp_status check_settings(const cp_train_params *p, cp_error *err)
          "must be in [0, 1)", p->method.lora.dropout},
     };
     const char *name = p->method_name ? p->method_name : "lora";
-    if (!cp_method_find(name)) {
+    const cp_method_ops *ops = cp_method_find(name);
+    if (!ops) {
         char names[256];
         cp_method_list(names, sizeof names);
         return cp_error_set(err, CP_ERR_INPUT, "--method \"%s\" is not a method; available: %s",
                             name, names);
     }
+    if (p->method.modules_to_save && !ops->saves_modules)
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "--modules-to-save works with --method lora or qlora, not %s; drop it "
+                            "or use --method full --trainable to train whole modules",
+                            name);
     for (size_t i = 0; i < sizeof checks / sizeof *checks; i++)
         if (checks[i].bad)
             return cp_error_set(err, CP_ERR_INPUT, "%s %s, got %g", checks[i].option,
@@ -184,6 +190,10 @@ static cp_status setup(trainer *t, const cp_train_params *p, cp_error *err)
     const cp_method_ops *ops = cp_method_find(p->method_name ? p->method_name : "lora");
     if (st == CP_OK && ops->nf4_base)
         st = cp_model_quantize_nf4(t->model, ms.double_quant, err);
+    /* QLoRA's base keeps its embeddings and head in bfloat16, unless
+     * --modules-to-save trains them. */
+    if (st == CP_OK && ops->nf4_base && !ms.modules_to_save)
+        st = cp_model_embeddings_to_bf16(t->model, err);
     if (st == CP_OK)
         st = cp_method_create(ops, t->model, &ms, &t->method, err);
     /* Methods that train base tensors, and --modules-to-save, point the
