@@ -259,7 +259,7 @@ TEST(qlora_cli_trains_and_reloads)
     snprintf(args, sizeof args, "train --model '%s' --data '%s' --out '%s/dora' --method qlora --dora",
              test_shared("models/stories260K"), test_shared("data/tinyshakespeare/input.txt"), out);
     CHECK_EQ_INT(test_run_cli(args, NULL, &stdout_text, &stderr_text), 2);
-    CHECK_MSG(stderr_text && strstr(stderr_text, "--dora is not supported with --method qlora"),
+    CHECK_MSG(stderr_text && strstr(stderr_text, "--dora does not apply to --method qlora"),
               "%s", stderr_text);
     free(stdout_text), free(stderr_text);
 }

@@ -141,7 +141,7 @@ int cmd_classify(int argc, char **argv)
 {
     classify_options o = {0};
     const cli_option options[] = {
-        {"model", CLI_STRING, &o.model, "DIR", "Hugging Face model folder (required)"},
+        {"model", CLI_STRING, &o.model, "PATH", "model folder (Hugging Face layout) or GGUF file (required)"},
         {"adapter", CLI_STRING, &o.adapter, "DIR",
          "PEFT SEQ_CLS adapter: LoRA weights and score head (required)"},
         {"text", CLI_STRING, &o.text, "TEXT", "text to classify"},

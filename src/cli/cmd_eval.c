@@ -8,7 +8,8 @@
 #include "core/file.h"
 #include "train/dataset.h"
 
-static int run(const char *model_dir, const char *adapter, const char *data_path, int seq_len)
+static int run(const char *model_dir, const char *tokenizer, const char *adapter,
+               const char *data_path, int seq_len)
 {
     cp_error err = {0};
     cp_model *model = NULL;
@@ -22,7 +23,7 @@ static int run(const char *model_dir, const char *adapter, const char *data_path
     if (st == CP_OK && adapter)
         st = cp_model_load_adapter(model, adapter, &err);
     if (st == CP_OK)
-        st = cli_load_tokenizer(model_dir, &tok, &add_bos, &err);
+        st = cli_load_tokenizer(tokenizer ? tokenizer : model_dir, &tok, &add_bos, &err);
     /* The same reader as training: plain text as one text, .jsonl by record. */
     if (st == CP_OK)
         st = cp_dataset_tokenize_file(tok, data_path, add_bos, &ids, &n_ids, &err);
@@ -52,12 +53,12 @@ static int run(const char *model_dir, const char *adapter, const char *data_path
 
 int cmd_eval(int argc, char **argv)
 {
-    const char *model = NULL, *adapter = NULL, *data = NULL;
+    const char *model = NULL, *tokenizer = NULL, *adapter = NULL, *data = NULL;
     int seq_len = -1; /* -1: not given */
     const cli_option options[] = {
-        {"model", CLI_STRING, &model, "DIR", "Hugging Face model folder (required)"},
-        {"adapter", CLI_STRING, &adapter, "DIR",
-         "apply the LoRA adapter in DIR (a cpeft run folder or a PEFT adapter)"},
+        {"model", CLI_STRING, &model, "PATH", "model folder (Hugging Face layout) or GGUF file (required)"},
+        {"tokenizer", CLI_STRING, &tokenizer, "PATH", "tokenizer to use instead of the model's own: a folder, tokenizer.model, tokenizer.json or a .gguf file"},
+        {"adapter", CLI_STRING, &adapter, "DIR", "apply the run folder DIR of any method (cpeft's or PEFT's)"},
         {"data", CLI_STRING, &data, "FILE", "text file to evaluate on (required)"},
         {"seq-len", CLI_INT, &seq_len, "N",
          "inputs per window (default: the smaller of 512 and the context length)"},
@@ -81,5 +82,5 @@ int cmd_eval(int argc, char **argv)
         return cli_usage_error(&cmd, "--model and --data are required");
     if (seq_len == 0 || seq_len < -1)
         return cli_usage_error(&cmd, "--seq-len must be positive");
-    return run(model, adapter, data, seq_len);
+    return run(model, tokenizer, adapter, data, seq_len);
 }

@@ -9,6 +9,7 @@
 
 typedef struct generate_options {
     const char *model;
+    const char *tokenizer; /* NULL: the model's own */
     const char *adapter;
     const char *prompt;
     int max_new_tokens;
@@ -63,7 +64,7 @@ static int run(const generate_options *o)
     if (st == CP_OK && o->adapter)
         st = cp_model_load_adapter(model, o->adapter, &err);
     if (st == CP_OK)
-        st = cli_load_tokenizer(o->model, &tok, &add_bos, &err);
+        st = cli_load_tokenizer(o->tokenizer ? o->tokenizer : o->model, &tok, &add_bos, &err);
     if (st == CP_OK)
         st = cp_tokenizer_encode(tok, o->prompt, strlen(o->prompt), add_bos, &prompt_ids,
                                  &n_prompt, &err);
@@ -86,6 +87,11 @@ static int run(const generate_options *o)
     if (st == CP_OK) {
         cp_generate_params p = cp_generate_default_params();
         p.max_new_tokens = o->max_new_tokens;
+        /* The default stops at the context length; an explicit count beyond
+         * it is an error from cp_generate. */
+        int room = cp_model_context_length(model) - (int)n_prompt;
+        if (o->max_new_tokens < 0)
+            p.max_new_tokens = room < 256 ? (room > 0 ? room : 0) : 256;
         p.temperature = o->temperature;
         p.top_p = o->top_p;
         p.seed = o->seed;
@@ -115,13 +121,14 @@ static int run(const generate_options *o)
 int cmd_generate(int argc, char **argv)
 {
     generate_options o = {
-        .max_new_tokens = 256, .temperature = 0.8f, .top_p = 0.95f, .seed = 0};
+        .max_new_tokens = -1, .temperature = 0.8f, .top_p = 0.95f, .seed = 0};
     const cli_option options[] = {
-        {"model", CLI_STRING, &o.model, "DIR", "Hugging Face model folder (required)"},
+        {"model", CLI_STRING, &o.model, "PATH", "model folder (Hugging Face layout) or GGUF file (required)"},
+        {"tokenizer", CLI_STRING, &o.tokenizer, "PATH", "tokenizer to use instead of the model's own: a folder, tokenizer.model, tokenizer.json or a .gguf file"},
         {"adapter", CLI_STRING, &o.adapter, "DIR",
-         "apply the LoRA adapter in DIR (a cpeft run folder or a PEFT adapter)"},
+         "apply the run folder DIR of any method (cpeft's or PEFT's)"},
         {"prompt", CLI_STRING, &o.prompt, "TEXT", "text to continue (required; may be empty)"},
-        {"max-new-tokens", CLI_INT, &o.max_new_tokens, "N", "tokens to generate (default 256)"},
+        {"max-new-tokens", CLI_INT, &o.max_new_tokens, "N", "tokens to generate (default 256, or up to the context length)"},
         {"temperature", CLI_FLOAT, &o.temperature, "T",
          "softmax temperature; 0 picks the most likely token (default 0.8)"},
         {"top-p", CLI_FLOAT, &o.top_p, "P",
@@ -146,7 +153,7 @@ int cmd_generate(int argc, char **argv)
         return cli_usage_error(&cmd, "--model is required");
     if (!o.prompt)
         return cli_usage_error(&cmd, "--prompt is required (use --prompt \"\" to start from BOS)");
-    if (o.max_new_tokens < 0)
+    if (o.max_new_tokens < -1)
         return cli_usage_error(&cmd, "--max-new-tokens must be >= 0");
     if (o.temperature < 0)
         return cli_usage_error(&cmd, "--temperature must be >= 0");

@@ -191,6 +191,8 @@ static cp_status inspect_run(const char *dir, const char *config_path, cp_error 
     const cJSON *type = cJSON_GetObjectItem(cfg, "peft_type");
     const cJSON *own = cJSON_GetObjectItem(cfg, "cpeft_method");
     const cJSON *base = cJSON_GetObjectItem(cfg, "base_model_name_or_path");
+    if (!cJSON_IsString(base))
+        base = cJSON_GetObjectItem(cfg, "model_name"); /* AdapterHub's key */
     printf("adapter: %s\n", dir);
     printf("  method              %s\n", method_name(type, own));
     print_settings(cfg);

@@ -97,13 +97,64 @@ static int run(const cp_train_params *p, int quiet)
     return 0;
 }
 
+/* The methods each method-specific option applies to, space-separated. */
+static const struct {
+    const char *option, *methods;
+} method_options[] = {
+    {"r", "lora qlora"},
+    {"alpha", "lora qlora"},
+    {"rslora", "lora qlora"},
+    {"lora-dropout", "lora qlora"},
+    {"dora", "lora"},
+    {"target", "lora qlora ia3"},
+    {"adapter-config", "adapter"},
+    {"reduction-factor", "adapter"},
+    {"non-linearity", "adapter"},
+    {"num-virtual-tokens", "prompt prefix"},
+    {"prompt-init", "prompt"},
+    {"prompt-init-text", "prompt"},
+    {"prefix-projection", "prefix"},
+    {"double-quant", "qlora"},
+    {"trainable", "full"},
+    {"modules-to-save", "lora qlora"},
+};
+
+/* Returns 1 if the word method occurs in the space-separated list. */
+static int listed(const char *list, const char *method)
+{
+    size_t n = strlen(method);
+    for (const char *at = strstr(list, method); at; at = strstr(at + 1, method))
+        if ((at == list || at[-1] == ' ') && (at[n] == ' ' || at[n] == '\0'))
+            return 1;
+    return 0;
+}
+
+/* Finds an option on the command line that the chosen method does not read,
+ * as PEFT's configs reject fields they do not have. Returns its index in
+ * method_options, or -1. */
+static int misplaced_option(int argc, char **argv, const char *method)
+{
+    for (int i = 1; i < argc; i++) {
+        if (strncmp(argv[i], "--", 2) != 0)
+            continue;
+        const char *name = argv[i] + 2;
+        for (int k = 0; k < (int)(sizeof method_options / sizeof *method_options); k++) {
+            size_t n = strlen(method_options[k].option);
+            if (strncmp(name, method_options[k].option, n) == 0 &&
+                (name[n] == '\0' || name[n] == '=') && !listed(method_options[k].methods, method))
+                return k;
+        }
+    }
+    return -1;
+}
+
 /* The help text: what train writes, then one line per registered method. */
 static void describe_methods(char *buf, size_t size)
 {
     int n = snprintf(buf, size,
                      "Fine-tunes the model on the text in FILE with the chosen method. Writes the\n"
-                     "adapter into DIR (adapter_config.json and adapter_model.safetensors in PEFT's\n"
-                     "layout), and DIR/metrics.jsonl with one JSON object per step (step, loss, lr,\n"
+                     "adapter into DIR (adapter_config.json and the weights, in PEFT's layout where\n"
+                     "PEFT defines one), and DIR/metrics.jsonl with one JSON object per step (step, loss, lr,\n"
                      "grad_norm, tokens_per_s) and per evaluation (step, eval_loss). DIR appears\n"
                      "only when training succeeds.\n\nMethods (--method):");
     for (int i = 0; i < cp_method_count() && n > 0 && (size_t)n < size; i++)
@@ -119,7 +170,8 @@ int cmd_train(int argc, char **argv)
     float lr = 2e-4f, weight_decay = 0.0f, warmup_ratio = 0.0f, max_grad_norm = 1.0f;
     float eval_split = 0.05f;
     const cli_option options[] = {
-        {"model", CLI_STRING, &p.model_dir, "DIR", "Hugging Face model folder (required)"},
+        {"model", CLI_STRING, &p.model_dir, "PATH", "model folder (Hugging Face layout) or GGUF file (required)"},
+        {"tokenizer", CLI_STRING, &p.tokenizer_path, "PATH", "tokenizer to use instead of the model's own: a folder, tokenizer.model, tokenizer.json or a .gguf file"},
         {"data", CLI_STRING, &p.data_path, "FILE", "training text: .txt, or .jsonl with a \"text\" field (required)"},
         {"eval-data", CLI_STRING, &p.eval_path, "FILE", "held-out text (default: the last --eval-split of --data)"},
         {"out", CLI_STRING, &p.out_dir, "DIR", "run folder to write (required)"},
@@ -138,8 +190,8 @@ int cmd_train(int argc, char **argv)
         {"prefix-projection", CLI_FLAG, &p.method.prefix_projection, NULL, "prefix tuning: train the prefixes through an MLP (saved projected)"},
         {"double-quant", CLI_FLAG, &p.method.double_quant, NULL, "qlora: quantize the NF4 block scales again to 8 bits"},
         {"trainable", CLI_STRING, &p.method.trainable, "GLOB", "full: train only the weights whose names match (e.g. '*layers.3.*', '*norm*')"},
-        {"modules-to-save", CLI_STRING, &p.method.modules_to_save, "LIST", "modules trained fully next to the method, comma-separated (e.g. lm_head)"},
-        {"target", CLI_STRING, &target, "LIST", "projections to adapt: comma-separated module names or all-linear (default q_proj,v_proj; c_attn for GPT-2)"},
+        {"modules-to-save", CLI_STRING, &p.method.modules_to_save, "LIST", "modules trained fully next to lora or qlora, comma-separated (e.g. lm_head)"},
+        {"target", CLI_STRING, &target, "LIST", "projections to adapt: comma-separated module names or all-linear (default: PEFT's for the method and architecture, e.g. LoRA q_proj,v_proj or c_attn for GPT-2)"},
         {"steps", CLI_INT, &p.steps, "N", "optimizer steps (default 100)"},
         {"batch-size", CLI_INT, &p.batch_size, "B", "windows per micro-batch (default 8)"},
         {"seq-len", CLI_INT, &p.seq_len, "T", "tokens per window (default 128)"},
@@ -174,6 +226,10 @@ int cmd_train(int argc, char **argv)
         cp_method_list(names, sizeof names);
         return cli_usage_error(&cmd, "unknown --method \"%s\"; available: %s", method, names);
     }
+    int bad = misplaced_option(argc, argv, method);
+    if (bad >= 0)
+        return cli_usage_error(&cmd, "--%s does not apply to --method %s; it is an option of: %s",
+                               method_options[bad].option, method, method_options[bad].methods);
 
     cp_error err = {0};
     p.method_name = method;

@@ -11,18 +11,7 @@
 
 cp_status cli_load_tokenizer(const char *path, cp_tokenizer **tok, int *add_bos, cp_error *err)
 {
-    *add_bos = 1;
-    cp_status st = cp_tokenizer_load(path, tok, err);
-    size_t len = strlen(path);
-    if (st == CP_OK && cp_file_is_dir(path))
-        st = cp_tokenizer_config_add_bos(path, add_bos, err);
-    else if (st == CP_OK && len >= 5 && strcmp(path + len - 5, ".gguf") == 0)
-        st = cp_tokenizer_gguf_add_bos(path, *tok, add_bos, err);
-    if (st != CP_OK) {
-        cp_tokenizer_free(*tok);
-        *tok = NULL;
-    }
-    return st;
+    return cp_tokenizer_load_with_bos(path, tok, add_bos, err);
 }
 
 cp_status cli_read_stream(FILE *fp, const char *name, char **out, size_t *len, cp_error *err)

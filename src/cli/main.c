@@ -11,12 +11,12 @@ static const struct {
     int (*run)(int argc, char **argv);
     const char *about;
 } commands[] = {
-    {"train", cmd_train, "fine-tune a model with LoRA and write a PEFT adapter"},
+    {"train", cmd_train, "fine-tune a model with one of the methods (train --help lists them)"},
     {"generate", cmd_generate, "continue a prompt with a model"},
     {"eval", cmd_eval, "measure a model's loss and perplexity on a text file"},
     {"classify", cmd_classify, "print the class logits of a text with a SEQ_CLS adapter"},
     {"tokenize", cmd_tokenize, "turn text into token ids, or ids back into text"},
-    {"inspect", cmd_inspect, "show a model folder's config and tensors"},
+    {"inspect", cmd_inspect, "show a model, run folder, .safetensors or .gguf file"},
     {"convert-llama2c", cmd_convert_llama2c,
      "convert a llama2.c checkpoint to a Hugging Face folder"},
 };

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "core/file.h"
+#include "io/tokenizer_config.h"
 
 /* Exactly one of sp and bpe is set. */
 struct cp_tokenizer {
@@ -183,4 +184,20 @@ cp_status cp_tokenizer_decode(const cp_tokenizer *t, const int32_t *ids, size_t 
     if (t->bpe)
         return cp_bpe_decode(t->bpe, ids, n_ids, text, len, err);
     return cp_sp_decode(t->sp, ids, n_ids, text, len, err);
+}
+
+cp_status cp_tokenizer_load_with_bos(const char *path, cp_tokenizer **tok, int *add_bos,
+                                     cp_error *err)
+{
+    *add_bos = 1;
+    cp_status st = cp_tokenizer_load(path, tok, err);
+    if (st == CP_OK && cp_file_is_dir(path))
+        st = cp_tokenizer_config_add_bos(path, add_bos, err);
+    else if (st == CP_OK && cp_file_is_gguf(path))
+        st = cp_tokenizer_gguf_add_bos(path, *tok, add_bos, err);
+    if (st != CP_OK) {
+        cp_tokenizer_free(*tok);
+        *tok = NULL;
+    }
+    return st;
 }

@@ -27,6 +27,12 @@ cp_status cp_tokenizer_gguf_load(const char *path, cp_sp_model **sp, cp_bpe_mode
 
 /* Sets *add_bos from the GGUF file's tokenizer.ggml.add_bos_token. Without
  * the key it is 1 when t (loaded from path) has a BOS token, else 0. */
+/* Loads the tokenizer at path (a model folder, a tokenizer file or a GGUF
+ * file) and sets *add_bos from where that kind records it: the folder's
+ * tokenizer_config.json or the GGUF metadata; 1 otherwise. */
+cp_status cp_tokenizer_load_with_bos(const char *path, cp_tokenizer **tok, int *add_bos,
+                                     cp_error *err);
+
 cp_status cp_tokenizer_gguf_add_bos(const char *path, const cp_tokenizer *t, int *add_bos,
                                     cp_error *err);
 

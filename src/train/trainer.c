@@ -13,9 +13,9 @@
 #include <unistd.h>
 
 #include "model/model.h"
-#include "io/tokenizer_config.h"
 #include "peft/method.h"
 #include "peft/modules_to_save.h"
+#include "tokenizer/tokenizer.h"
 #include "train/dataset.h"
 #include "train/optimizer.h"
 #include "train/run_folder.h"
@@ -135,11 +135,17 @@ static cp_status load_inputs(trainer *t, const cp_train_params *p, cp_method_set
     cp_status st = cp_model_load(p->model_dir, &t->model, err);
     int add_bos = 1;
     if (st == CP_OK)
-        st = cp_tokenizer_load(p->model_dir, &t->tok, err);
-    if (st == CP_OK)
-        st = cp_tokenizer_config_add_bos(p->model_dir, &add_bos, err);
+        st = cp_tokenizer_load_with_bos(p->tokenizer_path ? p->tokenizer_path : p->model_dir,
+                                        &t->tok, &add_bos, err);
     if (st != CP_OK)
         return st;
+    int n_tokens = cp_tokenizer_vocab_size(t->tok);
+    if (n_tokens > t->model->cfg.vocab_size)
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: the tokenizer has %d tokens but the model's vocabulary has %d; "
+                            "pass the model's own tokenizer with --tokenizer",
+                            p->tokenizer_path ? p->tokenizer_path : p->model_dir, n_tokens,
+                            t->model->cfg.vocab_size);
 
     const cp_model_config *mc = &t->model->cfg;
     if (p->targets && (st = cp_proj_parse_list(mc, p->targets, &ms->targets, err)))
@@ -299,7 +305,13 @@ static cp_status run_loop(trainer *t, const cp_train_params *p, cp_train_callbac
                           cp_train_result *res, cp_error *err)
 {
     cp_train_progress prog = {.total_steps = p->steps, .eval_loss = -1};
+    /* Step 0 measures the base model alone: prompt and prefix tuning start
+     * from random virtual tokens, which would make a worse start look like
+     * the baseline. */
+    cp_method *method = t->model->method;
+    t->model->method = NULL;
     cp_status st = evaluate(t, 0, &res->eval_loss_before, err);
+    t->model->method = method;
     prog.eval_loss = res->eval_loss_before;
     if (st == CP_OK && cb && cb(&prog, ctx))
         st = cp_error_set(err, CP_ERR_INPUT, "training stopped before the first step; nothing "

@@ -18,6 +18,7 @@
 
 typedef struct cp_train_params {
     const char *model_dir;
+    const char *tokenizer_path; /* NULL: the model's own (its folder or GGUF file) */
     const char *data_path;
     const char *eval_path;  /* NULL: hold out the last eval_split of the data */
     const char *out_dir;
