@@ -90,8 +90,11 @@ static int run(const generate_options *o)
         /* The default stops at the context length; an explicit count beyond
          * it is an error from cp_generate. */
         int room = cp_model_context_length(model) - (int)n_prompt;
-        if (o->max_new_tokens < 0)
-            p.max_new_tokens = room < 256 ? (room > 0 ? room : 0) : 256;
+        if (o->max_new_tokens < 0) {
+            p.max_new_tokens = room < 256 ? room : 256;
+            if (p.max_new_tokens < 0)
+                p.max_new_tokens = 0;
+        }
         p.temperature = o->temperature;
         p.top_p = o->top_p;
         p.seed = o->seed;
