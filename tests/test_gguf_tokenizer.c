@@ -339,6 +339,28 @@ TEST(gguf_tok_gpt2_vectors)
     free(gguf);
 }
 
+/* llama.cpp's own vocab files, when the shared copies are intact: the
+ * shared ones are damaged (tests/test_gguf.c checks that they are
+ * rejected), so this runs only once they are restored. */
+TEST(gguf_tok_llama_cpp_vocab_files)
+{
+    const char *vectors[] = {SPM_VECTORS, GPT2_VECTORS};
+    for (int i = 0; i < 2; i++) {
+        char *path = test_shared(vectors[i]);
+        cp_gguf *g = NULL;
+        cp_error err = {0};
+        if (cp_gguf_open(path, &g, &err) != CP_OK) {
+            fprintf(stderr, "    NOTE: %s does not open (%s); its vectors are checked only on the "
+                    "GGUF this file writes\n", vectors[i], err.msg);
+            continue;
+        }
+        cp_gguf_close(g);
+        int n_pass = check_vectors_cli(path, vectors[i]);
+        CHECK_EQ_INT(n_pass, 46);
+        fprintf(stderr, "    %s: %d of 46 test vectors match\n", vectors[i], n_pass);
+    }
+}
+
 /* The GGUF vocabulary must agree with the file it was made from on every
  * property the interface shows, and the CLI must take add_bos from the
  * GGUF: BOS for Llama (add_bos_token true), none for GPT-2. */
