@@ -58,18 +58,7 @@ double base_run_loss(run *r, int backward)
     cp_model_forward(r->m, &r->fb, r->inputs);
     if (backward)
         return cp_model_backward(r->m, &r->fb, &r->bb, r->targets, 1.0f);
-    int N = r->B * r->T, V = r->m->cfg.vocab_size;
-    double total = 0;
-    for (int n = 0; n < N; n++) {
-        const float *row = r->fb.logits + (size_t)n * V;
-        double max = row[0], sum = 0;
-        for (int v = 1; v < V; v++)
-            max = row[v] > max ? row[v] : max;
-        for (int v = 0; v < V; v++)
-            sum += exp(row[v] - max);
-        total += log(sum) + max - row[r->targets[n]];
-    }
-    return total / N;
+    return test_logits_loss(r->fb.logits, r->targets, r->B * r->T, r->m->cfg.vocab_size);
 }
 
 void base_run_check_gradients(run *r, int first, const char *label)

@@ -275,3 +275,18 @@ int main(int argc, char **argv)
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
+
+double test_logits_loss(const float *logits, const int32_t *targets, int N, int V)
+{
+    double total = 0;
+    for (int n = 0; n < N; n++) {
+        const float *row = logits + (size_t)n * V;
+        double max = row[0], sum = 0;
+        for (int v = 1; v < V; v++)
+            max = row[v] > max ? row[v] : max;
+        for (int v = 0; v < V; v++)
+            sum += exp(row[v] - max);
+        total += log(sum) + max - row[targets[n]];
+    }
+    return total / N;
+}

@@ -106,4 +106,7 @@ double test_seconds_since(const struct timespec *start);
 /* Counts the lines in s (a final line without '\n' counts). */
 int test_count_lines(const char *s);
 
+/* Mean cross-entropy, in double, of logits (N, V) against targets (N). */
+double test_logits_loss(const float *logits, const int32_t *targets, int N, int V);
+
 #endif

@@ -67,18 +67,7 @@ static double dora_loss(cp_model *m, cp_lora *lora, cp_forward_buffers *fb,
     cp_model_forward(m, fb, inputs);
     if (backward)
         return cp_model_backward(m, fb, bb, targets, 1.0f);
-    int N = fb->B * fb->T, V = m->cfg.vocab_size;
-    double total = 0;
-    for (int n = 0; n < N; n++) {
-        const float *row = fb->logits + (size_t)n * V;
-        double max = row[0], sum = 0;
-        for (int v = 1; v < V; v++)
-            max = row[v] > max ? row[v] : max;
-        for (int v = 0; v < V; v++)
-            sum += exp(row[v] - max);
-        total += log(sum) + max - row[targets[n]];
-    }
-    return total / N;
+    return test_logits_loss(fb->logits, targets, fb->B * fb->T, m->cfg.vocab_size);
 }
 
 /* Checks the gradients of A and B (one entry in 7) and of every fifth

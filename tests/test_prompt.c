@@ -22,18 +22,7 @@ static double forward_loss(cp_model *m, cp_forward_buffers *fb, const int32_t *i
                            const int32_t *targets)
 {
     cp_model_forward(m, fb, inputs);
-    int N = fb->B * fb->T, V = m->cfg.vocab_size;
-    double total = 0;
-    for (int n = 0; n < N; n++) {
-        const float *row = fb->logits + (size_t)n * V;
-        double max = row[0], sum = 0;
-        for (int v = 1; v < V; v++)
-            max = row[v] > max ? row[v] : max;
-        for (int v = 0; v < V; v++)
-            sum += exp(row[v] - max);
-        total += log(sum) + max - row[targets[n]];
-    }
-    return total / N;
+    return test_logits_loss(fb->logits, targets, fb->B * fb->T, m->cfg.vocab_size);
 }
 
 /* Creates method name with settings s on m and attaches it. */
