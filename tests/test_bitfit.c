@@ -1,7 +1,7 @@
 /*
  * BitFit: bias gradients against finite differences and PyTorch
- * (tools/ref_full.py make-fixture), save and load, and the rejection of a
- * model without biases.
+ * (tools/ref_full.py make-fixture), save and load, the rejection of a
+ * model without biases, and 200 steps on tinyshakespeare.
  */
 #include <cJSON.h>
 #include <stdlib.h>
@@ -11,6 +11,7 @@
 #include "model/model.h"
 #include "peft/method.h"
 #include "base_run.h"
+#include "random_gpt2.h"
 #include "test.h"
 
 TEST(bitfit_gradients_match_finite_differences)
@@ -134,4 +135,33 @@ TEST(bitfit_rejects_model_without_biases)
     CHECK_MSG(err && strstr(err, "this llama model has no biases") != NULL, "%s", err);
     CHECK_EQ_INT(test_count_lines(err), 1);
     free(data), free(args), free(out), free(err);
+}
+
+/* BitFit on tinyshakespeare: a small random GPT-2 with GPT-2's tokenizer
+ * and its whole 50257-token vocabulary trains only its biases for 200
+ * steps, and the eval loss falls. */
+TEST(bitfit_recipe_lowers_eval_loss)
+{
+    const char *dir = test_write_random_gpt2(64, 2, 4, 256, 7, NULL);
+    char *text = NULL;
+    size_t len = 0;
+    cp_error err = {0};
+    CHECK(cp_file_read(test_shared("data/tinyshakespeare/input.txt"), &text, &len, &err) == CP_OK);
+    char *data = test_write_file(dir, "train.txt", text, len > 100000 ? 100000 : len);
+    free(text);
+
+    char *args = NULL, *out = NULL, *err_text = NULL;
+    if (asprintf(&args,
+                 "train --model '%s' --data '%s' --out '%s/run' --method bitfit --steps 200 "
+                 "--batch-size 2 --seq-len 16 --lr 0.3 --quiet",
+                 dir, data, dir) < 0)
+        abort();
+    CHECK_EQ_INT(test_run_cli(args, NULL, &out, &err_text), 0);
+    double before = 0, after = 0;
+    const char *line = out ? strstr(out, "eval loss: ") : NULL;
+    CHECK_MSG(line && sscanf(line, "eval loss: %lf -> %lf", &before, &after) == 2, "%s %s", out,
+              err_text);
+    CHECK_MSG(after < before - 0.5, "eval loss %g -> %g", before, after);
+    fprintf(stderr, "    eval loss %.4f -> %.4f\n", before, after);
+    free(data), free(args), free(out), free(err_text);
 }
