@@ -250,7 +250,7 @@ TEST(ia3_load_rejects_mismatches)
     check_config_error("{\"peft_type\": \"IA3\", \"target_modules\": [\"k_proj\", \"v_proj\"]}",
                        "holds 15 tensors but adapter_config.json's target_modules imply 10");
     check_config_error("{\"peft_type\": \"IA3\", \"modules_to_save\": [\"lm_head\"]}",
-                       "\"modules_to_save\" is set");
+                       "missing tensor \"base_model.model.lm_head.weight\"");
 }
 
 TEST(ia3_gpt2_uses_peft_names)

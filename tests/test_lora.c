@@ -248,8 +248,8 @@ TEST(train_rejects_bad_input)
     check_train_error(dir, "--target q_proj,qkv_proj", "unknown target module \"qkv_proj\"");
     check_train_error(dir, "--seq-len 600", "600");
     check_train_error(dir, "--method loha", "unknown --method \"loha\"");
-    check_train_error(dir, "--method ia3 --modules-to-save lm_head",
-                      "does not apply to --method ia3; it is an option of: lora qlora");
+    check_train_error(dir, "--method full --modules-to-save lm_head",
+                      "does not apply to --method full");
     check_train_error(dir, "--method prompt --r 4",
                       "does not apply to --method prompt; it is an option of: lora qlora");
     check_train_error(dir, "--r 0", "r must be positive");

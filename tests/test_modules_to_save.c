@@ -1,9 +1,12 @@
 /*
  * modules_to_save next to other methods: the untied head copy's gradient
  * against finite differences and PyTorch (tools/ref_full.py make-fixture),
- * PEFT's saved layout, loading, bad names, and a training run.
+ * PEFT's saved layout, loading, bad names, a training run, and short runs
+ * next to IA3, prompt and prefix tuning and the bottleneck adapter.
  */
 #include <cJSON.h>
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "core/file.h"
@@ -171,4 +174,92 @@ TEST(modules_to_save_cli_recipe)
     at = out ? strstr(out, "\"loss\": ") : NULL;
     CHECK_CLOSE(at ? atof(at + 8) : NAN, after, 1e-4);
     free(cmd), free(args), free(out), free(err);
+}
+
+/* Writes a short training text and an eval text from tinyshakespeare into dir. */
+static void write_short_data(const char *dir)
+{
+    const char *text = test_shared("data/tinyshakespeare/input.txt");
+    char *cmd = NULL;
+    if (asprintf(&cmd, "head -c 20000 '%s' > '%s/train.txt' && tail -c 4000 '%s' > '%s/eval.txt'",
+                 text, dir, text, dir) < 0 ||
+        system(cmd) != 0)
+        abort();
+    free(cmd);
+}
+
+/* Trains method with a head copy for a few steps. eval --adapter must then
+ * reproduce the run's final eval loss, and inspect must list the copy. */
+static void check_method_run(const char *method, const char *dir)
+{
+    const char *model = test_shared("models/stories260K");
+    char *args = NULL, *out = NULL, *err = NULL;
+    write_short_data(dir);
+    if (asprintf(&args,
+                 "train --model '%s' --data '%s/train.txt' --eval-data '%s/eval.txt' --method %s "
+                 "--modules-to-save lm_head --steps 5 --batch-size 2 --seq-len 16 --lr 3e-3 "
+                 "--out '%s/run' --quiet",
+                 model, dir, dir, method, dir) < 0)
+        abort();
+    CHECK_MSG(test_run_cli(args, NULL, &out, &err) == 0, "%s: %s", method, err);
+    double before = NAN, after = NAN;
+    const char *at = out ? strstr(out, "eval loss: ") : NULL;
+    if (at)
+        sscanf(at, "eval loss: %lf -> %lf", &before, &after);
+    CHECK_MSG(isfinite(before) && isfinite(after), "%s: %s", method, out);
+    free(args), free(out), free(err);
+
+    if (asprintf(&args, "eval --model '%s' --adapter '%s/run' --data '%s/eval.txt' --seq-len 16",
+                 model, dir, dir) < 0)
+        abort();
+    CHECK_MSG(test_run_cli(args, NULL, &out, &err) == 0, "%s: %s", method, err);
+    at = out ? strstr(out, "\"loss\": ") : NULL;
+    double loaded = at ? atof(at + 8) : NAN;
+    printf("%s + modules_to_save lm_head, 5 steps: eval loss %.4f -> %.4f, loaded %.4f\n", method,
+           before, after, loaded);
+    CHECK_MSG(fabs(loaded - after) < 1e-4, "%s: loaded %.6f, trained %.6f", method, loaded, after);
+    free(args), free(out), free(err);
+
+    if (asprintf(&args, "inspect '%s/run'", dir) < 0)
+        abort();
+    CHECK_MSG(test_run_cli(args, NULL, &out, &err) == 0, "%s: %s", method, err);
+    CHECK_MSG(out && strstr(out, "modules_to_save     [\"lm_head\"]"), "%s: %s", method, out);
+    CHECK_MSG(out && strstr(out, "base_model.model.lm_head.weight"), "%s: %s", method, out);
+    free(args), free(out), free(err);
+}
+
+TEST(modules_to_save_next_to_ia3) { check_method_run("ia3", test_tmpdir()); }
+
+TEST(modules_to_save_next_to_prompt) { check_method_run("prompt", test_tmpdir()); }
+
+TEST(modules_to_save_next_to_prefix) { check_method_run("prefix", test_tmpdir()); }
+
+/* The bottleneck adapter keeps the copy in AdapterHub's adapter.safetensors. */
+TEST(modules_to_save_next_to_adapter)
+{
+    const char *dir = test_tmpdir();
+    check_method_run("adapter", dir);
+    char *path = cp_path_join(dir, "run/adapter_model.safetensors");
+    CHECK_MSG(!cp_file_exists(path), "%s was written", path);
+    free(path);
+}
+
+/* full and bitfit train whole tensors themselves. */
+TEST(modules_to_save_rejects_full_and_bitfit)
+{
+    const char *dir = test_tmpdir(), *model = test_shared("models/stories260K");
+    static const char *const methods[] = {"full", "bitfit"};
+    write_short_data(dir);
+    for (size_t i = 0; i < sizeof methods / sizeof *methods; i++) {
+        char *args = NULL, *err = NULL, needle[64];
+        if (asprintf(&args,
+                     "train --model '%s' --data '%s/train.txt' --method %s --modules-to-save "
+                     "lm_head --steps 1 --out '%s/run' --quiet",
+                     model, dir, methods[i], dir) < 0)
+            abort();
+        CHECK_EQ_INT(test_run_cli(args, NULL, NULL, &err), 2);
+        snprintf(needle, sizeof needle, "does not apply to --method %s", methods[i]);
+        CHECK_MSG(err && strstr(err, needle), "%s: %s", methods[i], err);
+        free(args), free(err);
+    }
 }

@@ -116,7 +116,7 @@ static const struct {
     {"prefix-projection", "prefix"},
     {"double-quant", "qlora"},
     {"trainable", "full"},
-    {"modules-to-save", "lora qlora"},
+    {"modules-to-save", "lora qlora ia3 prompt prefix adapter"},
 };
 
 /* Returns 1 if the word method occurs in the space-separated list. */
@@ -190,7 +190,7 @@ int cmd_train(int argc, char **argv)
         {"prefix-projection", CLI_FLAG, &p.method.prefix_projection, NULL, "prefix tuning: train the prefixes through an MLP (saved projected)"},
         {"double-quant", CLI_FLAG, &p.method.double_quant, NULL, "qlora: quantize the NF4 block scales again to 8 bits"},
         {"trainable", CLI_STRING, &p.method.trainable, "GLOB", "full: train only the weights whose names match (e.g. '*layers.3.*', '*norm*')"},
-        {"modules-to-save", CLI_STRING, &p.method.modules_to_save, "LIST", "modules trained fully next to lora or qlora, comma-separated (e.g. lm_head)"},
+        {"modules-to-save", CLI_STRING, &p.method.modules_to_save, "LIST", "modules trained fully next to the method (not full or bitfit), comma-separated (e.g. lm_head)"},
         {"target", CLI_STRING, &target, "LIST", "projections to adapt: comma-separated module names or all-linear (default: PEFT's for the method and architecture, e.g. LoRA q_proj,v_proj or c_attn for GPT-2)"},
         {"steps", CLI_INT, &p.steps, "N", "optimizer steps (default 100)"},
         {"batch-size", CLI_INT, &p.batch_size, "B", "windows per micro-batch (default 8)"},

@@ -347,6 +347,7 @@ const cp_method_ops cp_bottleneck_method = {
     .peft_type = NULL, /* PEFT has no bottleneck adapters: adapter_config.json records cpeft_method */
     .summary = "bottleneck adapters on the attention and MLP outputs (--adapter-config, "
                "--reduction-factor, --non-linearity)",
+    .saves_modules = 1,
     .rewrites_output_grad = 1,
     .create = bn_create,
     .load = bn_load,

@@ -11,6 +11,13 @@
  * Loading rejects every setting cpeft does not compute (layer norms inside
  * the adapter, gating, PHM layers, scaling other than 1, parallel adapters,
  * original_ln_before) by name.
+ *
+ * modules_to_save copies (--modules-to-save) go into adapter.safetensors
+ * under PEFT's names, base_model.model.<module>.weight, and the config's
+ * "modules_to_save" lists them; peft/modules_to_save.c writes and reads
+ * both. The `adapters` library's loader skips tensors that name no module
+ * of its model and only logs them (WeightsLoaderHelper in loading.py), so it
+ * loads the adapter without the copies.
  */
 #include <cJSON.h>
 #include <math.h>
@@ -21,6 +28,7 @@
 #include "core/file.h"
 #include "io/safetensors.h"
 #include "peft/bottleneck.h"
+#include "peft/modules_to_save.h"
 
 #define ADAPTER_NAME "default"
 #define WEIGHTS_FILE "adapter.safetensors"
@@ -285,6 +293,8 @@ static cp_status parse_config(const char *text, const cp_model_config *cfg, bn_s
         snprintf(out->name, sizeof out->name, "%s", name->valuestring);
         st = parse_bn_config(c, cfg, out, path, err);
     }
+    if (st == CP_OK)
+        st = cp_modules_to_save_check_config(root, path, err);
     cJSON_Delete(root);
     return st;
 }
@@ -317,7 +327,8 @@ static cp_status load_tensors(cp_bottleneck *bn, const cp_safetensors *file, con
                               const char *path, cp_error *err)
 {
     char name[192];
-    size_t claimed = 0;
+    /* modules_to_save copies are read by cp_modules_to_save_load. */
+    size_t claimed = cp_modules_to_save_count(file);
     cp_status st = CP_OK;
     for (int l = 0; st == CP_OK && l < bn->n_layers; l++) {
         for (int s = 0; st == CP_OK && s < CP_BN_SITE_COUNT; s++) {

@@ -333,6 +333,7 @@ const cp_method_ops cp_ia3_method = {
     .name = "ia3",
     .peft_type = "IA3",
     .summary = "(IA)3: learned vectors scaling k, v and the MLP input of down_proj (--target)",
+    .saves_modules = 1,
     .rewrites_output_grad = 1,
     .create = ia3_create,
     .load = ia3_load,

@@ -6,8 +6,9 @@
  *
  * Loading accepts what PEFT writes: null target_modules or
  * feedforward_modules mean the architecture's defaults, and module names
- * may carry their parent ("mlp.c_proj"). Regex strings, exclude_modules and
- * modules_to_save are rejected by name.
+ * may carry their parent ("mlp.c_proj"). Regex strings and exclude_modules
+ * are rejected by name. modules_to_save copies are left to
+ * peft/modules_to_save.c.
  */
 #include <cJSON.h>
 #include <stdio.h>
@@ -17,6 +18,7 @@
 #include "core/file.h"
 #include "io/safetensors.h"
 #include "peft/ia3.h"
+#include "peft/modules_to_save.h"
 
 void cp_ia3_tensor_name(const cp_model_config *cfg, char *buf, size_t size, int layer, cp_proj p)
 {
@@ -207,7 +209,7 @@ static cp_status parse_config(const cp_model_config *cfg, const char *text, cons
     if (st == CP_OK)
         st = reject_if_set(root, "exclude_modules", path, err);
     if (st == CP_OK)
-        st = reject_if_set(root, "modules_to_save", path, err);
+        st = cp_modules_to_save_check_config(root, path, err);
     /* fan_in_fan_out is not checked: PEFT corrects it to the module type with a warning. */
     if (st == CP_OK)
         st = parse_modules(cfg, root, "target_modules", cp_ia3_default_targets(cfg), targets, path,
@@ -250,7 +252,8 @@ static cp_status load_vectors(cp_ia3 *ia3, const cp_safetensors *file, const cha
                               cp_error *err)
 {
     char name[160];
-    size_t claimed = 0;
+    /* modules_to_save copies are read by cp_modules_to_save_load. */
+    size_t claimed = cp_modules_to_save_count(file);
     cp_status st = CP_OK;
     for (int l = 0; st == CP_OK && l < ia3->n_layers; l++) {
         for (int p = 0; st == CP_OK && p < CP_PROJ_COUNT; p++) {

@@ -2,6 +2,9 @@
  * modules_to_save as a layer over any method. The method keeps its state and
  * hooks. Its ops pointer moves to a copy of its table (mts_table) that also
  * carries the trained copies, and whose save and destroy handle them too.
+ * The copies share the method's weights file: PEFT's
+ * adapter_model.safetensors, or AdapterHub's adapter.safetensors for the
+ * bottleneck adapter, whose run folders hold only that one.
  */
 #include "peft/modules_to_save.h"
 
@@ -16,6 +19,8 @@
 #include "tasks/seq_cls.h"
 
 #define PEFT_PREFIX "base_model.model."
+#define PEFT_WEIGHTS "adapter_model.safetensors"
+#define ADAPTERHUB_WEIGHTS "adapter.safetensors"
 
 /* The method's table, extended. ops comes first, so the method's ops pointer
  * is also a pointer to the whole mts_table. */
@@ -35,6 +40,45 @@ int cp_modules_to_save_is_tensor(const char *name)
                  (len > 5 && strcmp(name + len - 5, ".bias") == 0);
     return strncmp(name, PEFT_PREFIX, prefix) == 0 && suffix && !strstr(name, ".lora_") &&
            !cp_seq_cls_is_head_tensor(name);
+}
+
+size_t cp_modules_to_save_count(const cp_safetensors *file)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < cp_safetensors_count(file); i++)
+        n += (size_t)cp_modules_to_save_is_tensor(cp_safetensors_at(file, i)->name);
+    return n;
+}
+
+cp_status cp_modules_to_save_check_config(const cJSON *root, const char *path, cp_error *err)
+{
+    const cJSON *modules = cJSON_GetObjectItemCaseSensitive(root, "modules_to_save"), *el;
+    if (!modules || cJSON_IsNull(modules))
+        return CP_OK;
+    int strings = cJSON_IsArray(modules);
+    cJSON_ArrayForEach(el, modules) strings &= cJSON_IsString(el);
+    if (!strings)
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s: modules_to_save must be null or a list of module names "
+                            "(strings); fix adapter_config.json",
+                            path);
+    return CP_OK;
+}
+
+/* The path of the weights file in run folder dir: PEFT's, or AdapterHub's
+ * when only that one exists (malloc'd, NULL when out of memory). */
+static char *weights_file(const char *dir)
+{
+    char *path = cp_path_join(dir, PEFT_WEIGHTS);
+    if (path && !cp_file_exists(path)) {
+        char *other = cp_path_join(dir, ADAPTERHUB_WEIGHTS);
+        if (other && cp_file_exists(other)) {
+            free(path);
+            return other;
+        }
+        free(other);
+    }
+    return path;
 }
 
 /* Returns 1 if the module of tensor name (the name without .weight or .bias)
@@ -116,9 +160,9 @@ static cJSON *parse_list(const char *list)
     return names;
 }
 
-/* Merges the copies into the run files the method wrote: adapter_model.
- * safetensors gets them under PEFT's names and adapter_config.json lists
- * the modules. */
+/* Merges the copies into the run files the method wrote: its weights file
+ * (path) gets them under PEFT's names and adapter_config.json lists the
+ * modules. */
 static cp_status merge_tensors(const mts_table *t, const char *path, cp_error *err)
 {
     cp_safetensors *file = NULL;
@@ -180,7 +224,7 @@ static cp_status mts_save(const cp_method *self, const struct cp_model *m, const
 {
     const mts_table *t = table_of(self);
     cp_status st = t->inner->save(self, m, dir, base_model, err);
-    char *weights = cp_path_join(dir, "adapter_model.safetensors");
+    char *weights = weights_file(dir);
     char *config = cp_path_join(dir, "adapter_config.json");
     if (st == CP_OK && (!weights || !config))
         st = cp_error_nomem(err, "a path", strlen(dir));
@@ -333,7 +377,7 @@ cp_status cp_modules_to_save_load(cp_method *method, cp_model *m, const char *di
                                   cp_error *err)
 {
     char *config = cp_path_join(dir, "adapter_config.json");
-    char *weights = cp_path_join(dir, "adapter_model.safetensors");
+    char *weights = weights_file(dir);
     cJSON *names = NULL;
     cp_safetensors *file = NULL;
     mts_table *t = NULL;

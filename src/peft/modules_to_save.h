@@ -13,16 +13,19 @@
  * base_model.model.<module>.weight (and .bias), and adapter_config.json
  * lists the names under "modules_to_save".
  *
- * NOTE: only the LoRA (and QLoRA), full and BitFit loaders leave these
- * tensors to cp_modules_to_save_load. The IA³, prompt, prefix and bottleneck
- * loaders still reject them, so such runs train and save but do not load.
+ * A method whose weights go elsewhere (the bottleneck adapter's AdapterHub
+ * adapter.safetensors) gets the copies in that file, under the same names.
+ * The loaders of every method that sets saves_modules accept the
+ * "modules_to_save" key and leave these tensors to cp_modules_to_save_load.
  */
 #ifndef CP_MODULES_TO_SAVE_H
 #define CP_MODULES_TO_SAVE_H
 
 #include "core/error.h"
+#include "io/safetensors.h"
 #include "peft/method.h"
 
+struct cJSON;
 struct cp_model;
 
 /* Trains the modules of list (comma-separated) next to method, which must
@@ -40,5 +43,14 @@ cp_status cp_modules_to_save_load(cp_method *method, struct cp_model *m, const c
  * (base_model.model.<module>.weight or .bias, not a LoRA tensor and not a
  * SEQ_CLS head), for loaders that must leave those tensors to this file. */
 int cp_modules_to_save_is_tensor(const char *name);
+
+/* The number of tensors of file that cp_modules_to_save_is_tensor claims. */
+size_t cp_modules_to_save_count(const cp_safetensors *file);
+
+/* Checks a method loader's adapter_config.json (root, read from path): its
+ * "modules_to_save" must be absent, null or a list of module names, which
+ * cp_modules_to_save_load then reads. */
+cp_status cp_modules_to_save_check_config(const struct cJSON *root, const char *path,
+                                          cp_error *err);
 
 #endif

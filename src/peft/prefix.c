@@ -264,6 +264,7 @@ const cp_method_ops cp_prefix_method = {
     .peft_type = "PREFIX_TUNING",
     .summary = "trainable key/value prefixes in every layer (--num-virtual-tokens, "
                "--prefix-projection)",
+    .saves_modules = 1,
     .create = prefix_create,
     .load = prefix_load,
     .save = prefix_save,

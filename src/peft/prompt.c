@@ -234,6 +234,7 @@ const cp_method_ops cp_prompt_method = {
     .peft_type = "PROMPT_TUNING",
     .summary = "trainable virtual token embeddings before the input (--num-virtual-tokens, "
                "--prompt-init, --prompt-init-text)",
+    .saves_modules = 1,
     .create = prompt_create,
     .load = prompt_load,
     .save = prompt_save,

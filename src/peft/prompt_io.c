@@ -1,4 +1,10 @@
-/* Prompt-learning adapters (prompt and prefix tuning) in PEFT's file layout. */
+/*
+ * Prompt-learning adapters (prompt and prefix tuning) in PEFT's file layout.
+ *
+ * NOTE: PEFT's PromptLearningConfig (peft/config.py) has no modules_to_save
+ * field, so PEFT drops that key with a warning and may not apply the copies
+ * that --modules-to-save stores. cpeft loads them back.
+ */
 #include "peft/prompt_io.h"
 
 #include <cJSON.h>
@@ -8,6 +14,7 @@
 
 #include "core/file.h"
 #include "io/safetensors.h"
+#include "peft/modules_to_save.h"
 
 #define TENSOR_NAME "prompt_embeddings"
 
@@ -145,6 +152,8 @@ cp_status cp_prompt_config_parse(const char *text, const char *path, const cp_mo
     if (st == CP_OK)
         st = check_task(root, path, err);
     if (st == CP_OK)
+        st = cp_modules_to_save_check_config(root, path, err);
+    if (st == CP_OK)
         st = read_count(root, "num_virtual_tokens", &c->n_virtual_tokens, path, err);
     if (st == CP_OK && c->n_virtual_tokens == 0)
         st = cp_error_set(err, CP_ERR_INPUT,
@@ -226,10 +235,11 @@ static cp_status read_embeddings(const cp_safetensors *file, float *dst, int row
     }
     for (size_t i = 0; i < cp_safetensors_count(file); i++) {
         const char *name = cp_safetensors_at(file, i)->name;
-        if (strcmp(name, TENSOR_NAME) != 0)
+        /* modules_to_save copies are read by cp_modules_to_save_load. */
+        if (strcmp(name, TENSOR_NAME) != 0 && !cp_modules_to_save_is_tensor(name))
             return cp_error_set(err, CP_ERR_INPUT,
                                 "%s: unexpected tensor \"%s\"; a prompt-learning adapter holds "
-                                "only \"" TENSOR_NAME "\"",
+                                "only \"" TENSOR_NAME "\" and modules_to_save copies",
                                 path, name);
     }
     return CP_OK;

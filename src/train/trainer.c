@@ -117,8 +117,8 @@ static cp_status check_settings(const cp_train_params *p, cp_error *err)
     }
     if (p->method.modules_to_save && !ops->saves_modules)
         return cp_error_set(err, CP_ERR_INPUT,
-                            "--modules-to-save works with --method lora or qlora, not %s; drop it "
-                            "or use --method full --trainable to train whole modules",
+                            "--modules-to-save does not apply to --method %s, which trains whole "
+                            "tensors itself; drop --modules-to-save",
                             name);
     for (size_t i = 0; i < sizeof checks / sizeof *checks; i++)
         if (checks[i].bad)
