@@ -217,6 +217,13 @@ TEST(cli_bad_model_folders)
     snprintf(args, sizeof args, "generate --prompt x --model '%s'", test_tmpdir());
     check_user_error(args, NULL, "config.json: cannot open");
 
+    /* A model folder where a run folder belongs, and a text file to inspect. */
+    snprintf(args, sizeof args, "generate --prompt x --model '%s' --adapter '%s'",
+             test_shared("models/stories260K"), test_shared("models/stories260K"));
+    check_user_error(args, NULL, "adapter_config.json is missing, so this is not a run folder");
+    snprintf(args, sizeof args, "inspect '%s'", test_shared("data/tinyshakespeare/input.txt"));
+    check_user_error(args, NULL, "not a model folder, run folder, .safetensors or .gguf file");
+
     /* A truncated checkpoint. */
     const char *dir = model_with_config("{}");
     snprintf(config, sizeof config, base, 172, 5, "true");

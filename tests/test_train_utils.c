@@ -703,7 +703,7 @@ TEST(train_dataset_input_errors)
 
     p = params_for(story, 300, 0.0);
     CHECK(init_status(tok, &p, &err) == CP_ERR_INPUT);
-    CHECK_MSG(strstr(err.msg, "sequence length 300 is outside [1, 256]"), "%s", err.msg);
+    CHECK_MSG(strstr(err.msg, "sequence length 300 (--seq-len) is outside [1, 256]"), "%s", err.msg);
     p = params_for(story, 0, 0.0);
     CHECK(init_status(tok, &p, &err) == CP_ERR_INPUT);
     p = params_for(story, 8, 1.0);

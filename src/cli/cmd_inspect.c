@@ -310,10 +310,18 @@ static int inspect_gguf(const char *path)
 static int run(const char *path)
 {
     size_t len = strlen(path);
-    if (len > 5 && strcmp(path + len - 5, ".gguf") == 0)
+    if ((len > 5 && strcmp(path + len - 5, ".gguf") == 0) || cp_file_is_gguf(path))
         return inspect_gguf(path);
 
     cp_error err = {0};
+    if (cp_file_exists(path) && !cp_file_is_dir(path) &&
+        !(len > 12 && strcmp(path + len - 12, ".safetensors") == 0)) {
+        cp_error_set(&err, CP_ERR_INPUT,
+                     "%s: not a model folder, run folder, .safetensors or .gguf file; pass one "
+                     "of those",
+                     path);
+        return cli_report(&err);
+    }
     cp_model_config cfg;
     cp_safetensors *st = NULL;
     cp_status status = CP_OK;

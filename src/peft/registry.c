@@ -99,6 +99,11 @@ cp_status cp_method_create(const cp_method_ops *ops, const struct cp_model *m,
 static cp_status method_of_config(const char *path, const cp_method_ops **ops, cp_error *err)
 {
     char *text = NULL;
+    if (!cp_file_exists(path))
+        return cp_error_set(err, CP_ERR_INPUT,
+                            "%s is missing, so this is not a run folder; pass the folder "
+                            "cpeft train --out wrote, or a PEFT adapter folder",
+                            path);
     cp_status st = cp_file_read(path, &text, NULL, err);
     if (st != CP_OK)
         return st;

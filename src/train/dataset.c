@@ -284,8 +284,8 @@ static cp_status check_params(const cp_dataset_params *p, cp_error *err)
     CP_ASSERT(p->train_path && p->context_length > 0);
     if (p->seq_len < 1 || p->seq_len > p->context_length)
         return cp_error_set(err, CP_ERR_INPUT,
-                            "sequence length %d is outside [1, %d]: it must be positive and "
-                            "at most the model's context length",
+                            "sequence length %d (--seq-len) is outside [1, %d]: it must be "
+                            "positive and at most the model's context length",
                             p->seq_len, p->context_length);
     if (!p->eval_path && !(p->eval_split >= 0.0 && p->eval_split < 1.0))
         return cp_error_set(err, CP_ERR_INPUT, "eval split %g must lie in [0, 1)",
