@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/file.h"
+#include "io/json_file.h"
 
 int cp_base_kind_is_bias(cp_base_kind kind)
 {
@@ -295,14 +296,8 @@ static cp_status write_config(const char *path, const char *method, const char *
             cJSON_AddNullToObject(root, extra_key);
         cJSON_AddStringToObject(root, "task_type", "CAUSAL_LM");
     }
-    char *text = root ? cJSON_Print(root) : NULL;
+    cp_status st = cp_json_write_atomic(path, root, err);
     cJSON_Delete(root);
-    if (!text)
-        return cp_error_nomem(err, "adapter_config.json", 0);
-    size_t len = strlen(text);
-    text[len] = '\n'; /* replaces the NUL: the file ends with a newline */
-    cp_status st = cp_file_write_atomic(path, text, len + 1, err);
-    free(text);
     return st;
 }
 

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "core/file.h"
+#include "io/json_file.h"
 #include "io/safetensors.h"
 #include "peft/ia3.h"
 #include "peft/modules_to_save.h"
@@ -70,14 +71,8 @@ static cp_status write_config(const cp_ia3 *ia3, const char *path, const char *b
                               cp_error *err)
 {
     cJSON *config = build_config(ia3, base_model);
-    char *text = config ? cJSON_Print(config) : NULL;
+    cp_status st = cp_json_write_atomic(path, config, err);
     cJSON_Delete(config);
-    if (!text)
-        return cp_error_nomem(err, "adapter_config.json", 0);
-    size_t len = strlen(text);
-    text[len] = '\n'; /* replaces the NUL: the file ends with a newline */
-    cp_status st = cp_file_write_atomic(path, text, len + 1, err);
-    free(text);
     return st;
 }
 

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "core/file.h"
+#include "io/json_file.h"
 #include "io/safetensors.h"
 #include "peft/modules_to_save.h"
 #include "tasks/seq_cls.h"
@@ -130,17 +131,8 @@ cp_status cp_lora_save(const cp_lora *lora, const char *dir, const char *base_mo
         st = cp_safetensors_write(weights_path, tensors, n, meta, 1, err);
 
     cJSON *config = st == CP_OK ? build_config(lora, base_model) : NULL;
-    char *text = config ? cJSON_Print(config) : NULL;
-    if (st == CP_OK && !text)
-        st = cp_error_nomem(err, "adapter_config.json", 0);
-    if (st == CP_OK) {
-        size_t len = strlen(text);
-        text[len] = '\n'; /* replaces the NUL: the file ends with a newline */
-        st = cp_file_write_atomic(config_path, text, len + 1, err);
-        text[len] = '\0';
-    }
-
-    free(text);
+    if (st == CP_OK)
+        st = cp_json_write_atomic(config_path, config, err);
     cJSON_Delete(config);
     free(weights_path);
     free(config_path);

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "core/file.h"
+#include "io/json_file.h"
 #include "model/model.h"
 #include "peft/base_params.h"
 #include "tasks/seq_cls.h"
@@ -208,14 +209,8 @@ static cp_status merge_config(const mts_table *t, const char *path, cp_error *er
     }
     cJSON_DeleteItemFromObjectCaseSensitive(root, "modules_to_save");
     cJSON_AddItemToObject(root, "modules_to_save", names);
-    text = cJSON_Print(root);
+    st = cp_json_write_atomic(path, root, err);
     cJSON_Delete(root);
-    if (!text)
-        return cp_error_nomem(err, "adapter_config.json", 0);
-    size_t len = strlen(text);
-    text[len] = '\n'; /* replaces the NUL: the file ends with a newline */
-    st = cp_file_write_atomic(path, text, len + 1, err);
-    free(text);
     return st;
 }
 

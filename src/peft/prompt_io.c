@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "core/file.h"
+#include "io/json_file.h"
 #include "io/safetensors.h"
 #include "peft/modules_to_save.h"
 
@@ -63,16 +64,8 @@ cp_status cp_prompt_config_save(const cp_prompt_config *c, const char *dir,
 {
     char *path = cp_path_join(dir, "adapter_config.json");
     cJSON *config = build_config(c, base_model);
-    char *text = config ? cJSON_Print(config) : NULL;
-    cp_status st = CP_OK;
-    if (!path || !text) {
-        st = cp_error_nomem(err, "adapter_config.json", 0);
-    } else {
-        size_t len = strlen(text);
-        text[len] = '\n'; /* replaces the NUL: the file ends with a newline */
-        st = cp_file_write_atomic(path, text, len + 1, err);
-    }
-    free(text);
+    cp_status st = path ? cp_json_write_atomic(path, config, err)
+                        : cp_error_nomem(err, "adapter_config.json", 0);
     cJSON_Delete(config);
     free(path);
     return st;
