@@ -290,3 +290,30 @@ double test_logits_loss(const float *logits, const int32_t *targets, int N, int 
     }
     return total / N;
 }
+
+void test_write_shakespeare_split(const char *dir)
+{
+    char *cmd = NULL;
+    const char *text = test_shared("data/tinyshakespeare/input.txt");
+    if (asprintf(&cmd, "head -c 100000 '%s' > '%s/train.txt' && head -c 110000 '%s' | "
+                       "tail -c 10000 > '%s/eval.txt'",
+                 text, dir, text, dir) < 0 || system(cmd) != 0)
+        abort();
+    free(cmd);
+}
+
+double test_cli_eval_loss(const char *adapter, const char *data, int seq_len)
+{
+    char *args = NULL, *out = NULL, *err = NULL;
+    if (asprintf(&args, "eval --model '%s' %s%s%s --data '%s' --seq-len %d",
+                 test_shared("models/stories260K"), adapter ? "--adapter '" : "",
+                 adapter ? adapter : "", adapter ? "'" : "", data, seq_len) < 0)
+        abort();
+    int rc = test_run_cli(args, NULL, &out, &err);
+    CHECK_MSG(rc == 0, "cpeft %s: exit %d: %s", args, rc, err);
+    const char *at = out ? strstr(out, "\"loss\": ") : NULL;
+    CHECK_MSG(at != NULL, "cpeft %s: %s %s", args, out, err);
+    double loss = at ? strtod(at + 8, NULL) : NAN;
+    free(args), free(out), free(err);
+    return loss;
+}

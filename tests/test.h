@@ -106,6 +106,15 @@ double test_seconds_since(const struct timespec *start);
 /* Counts the lines in s (a final line without '\n' counts). */
 int test_count_lines(const char *s);
 
+/* Splits the first 110,000 bytes of tinyshakespeare into train.txt
+ * (100,000) and eval.txt (10,000) in dir. */
+void test_write_shakespeare_split(const char *dir);
+
+/* Runs `cpeft eval` of stories260K, with the run folder adapter unless
+ * NULL, on data in windows of seq_len, and returns its loss (NAN and a
+ * failure when the command fails). */
+double test_cli_eval_loss(const char *adapter, const char *data, int seq_len);
+
 /* Mean cross-entropy, in double, of logits (N, V) against targets (N). */
 double test_logits_loss(const float *logits, const int32_t *targets, int N, int V);
 

@@ -298,40 +298,12 @@ TEST(bottleneck_gpt2_uses_adapterhub_names)
     cp_model_free(m);
 }
 
-/* Splits the first 110,000 bytes of tinyshakespeare into train (100,000)
- * and eval (10,000) files in dir. */
-static void write_small_split(const char *dir)
-{
-    char *cmd = NULL;
-    const char *text = test_shared("data/tinyshakespeare/input.txt");
-    if (asprintf(&cmd, "head -c 100000 '%s' > '%s/train.txt' && head -c 110000 '%s' | "
-                       "tail -c 10000 > '%s/eval.txt'",
-                 text, dir, text, dir) < 0 || system(cmd) != 0)
-        abort();
-    free(cmd);
-}
-
-/* The eval loss that `cpeft eval` prints with the adapter in run. */
-static double cli_eval_loss(const char *run, const char *file)
-{
-    char *args = NULL, *out = NULL, *err = NULL;
-    if (asprintf(&args, "eval --model '%s' --adapter '%s' --data '%s' --seq-len 32",
-                 test_shared("models/stories260K"), run, file) < 0)
-        abort();
-    CHECK_EQ_INT(test_run_cli(args, NULL, &out, &err), 0);
-    const char *at = out ? strstr(out, "\"loss\": ") : NULL;
-    double loss = at ? atof(at + 8) : -1;
-    CHECK_MSG(at, "cpeft %s: %s %s", args, out, err);
-    free(args), free(out), free(err);
-    return loss;
-}
-
 /* 200 steps of batch 4 x 32 tokens: the eval loss must drop, and the saved
  * run must give `cpeft eval` the loss training printed. */
 TEST(bottleneck_recipe_lowers_eval_loss)
 {
     const char *dir = test_tmpdir();
-    write_small_split(dir);
+    test_write_shakespeare_split(dir);
     char *args = NULL, *out = NULL, *err = NULL;
     if (asprintf(&args, "train --model '%s' --data '%s/train.txt' --eval-data '%s/eval.txt' "
                         "--method adapter --steps 200 --batch-size 4 --seq-len 32 --lr 3e-3 "
@@ -348,7 +320,7 @@ TEST(bottleneck_recipe_lowers_eval_loss)
     char run[512], eval_file[512];
     snprintf(run, sizeof run, "%s/run", dir);
     snprintf(eval_file, sizeof eval_file, "%s/eval.txt", dir);
-    CHECK_CLOSE(cli_eval_loss(run, eval_file), after, 1e-5);
+    CHECK_CLOSE(test_cli_eval_loss(run, eval_file, 32), after, 1e-5);
     free(args), free(out), free(err);
 }
 
@@ -370,7 +342,7 @@ static void check_setting_error(const char *dir, const char *extra, const char *
 TEST(bottleneck_train_rejects_bad_settings)
 {
     const char *dir = test_tmpdir();
-    write_small_split(dir);
+    test_write_shakespeare_split(dir);
     check_setting_error(dir, "--reduction-factor 0",
                         "--reduction-factor must be between 1 and the hidden size 64, got 0");
     check_setting_error(dir, "--reduction-factor 65", "--reduction-factor");

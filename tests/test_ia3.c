@@ -313,41 +313,12 @@ TEST(ia3_gpt2_uses_peft_names)
     cp_model_free(m);
 }
 
-/* Splits the first 110,000 bytes of tinyshakespeare into train (100,000)
- * and eval (10,000) files in dir. */
-static void write_small_split(const char *dir)
-{
-    char *cmd = NULL;
-    const char *text = test_shared("data/tinyshakespeare/input.txt");
-    if (asprintf(&cmd, "head -c 100000 '%s' > '%s/train.txt' && head -c 110000 '%s' | "
-                       "tail -c 10000 > '%s/eval.txt'",
-                 text, dir, text, dir) < 0 || system(cmd) != 0)
-        abort();
-    free(cmd);
-}
-
-/* The eval loss that `cpeft eval` prints for model (+ adapter) on file. */
-static double cli_eval_loss(const char *adapter, const char *file)
-{
-    char *args = NULL, *out = NULL, *err = NULL;
-    if (asprintf(&args, "eval --model '%s' %s%s%s --data '%s' --seq-len 32",
-                 test_shared("models/stories260K"), adapter ? "--adapter '" : "",
-                 adapter ? adapter : "", adapter ? "'" : "", file) < 0)
-        abort();
-    CHECK_EQ_INT(test_run_cli(args, NULL, &out, &err), 0);
-    const char *at = out ? strstr(out, "\"loss\": ") : NULL;
-    double loss = at ? atof(at + 8) : -1;
-    CHECK_MSG(at, "cpeft %s: %s %s", args, out, err);
-    free(args), free(out), free(err);
-    return loss;
-}
-
 /* 200 steps of batch 4 x 32 tokens: the eval loss must drop, and the saved
  * run must give `cpeft eval` the loss training printed. */
 TEST(ia3_recipe_lowers_eval_loss)
 {
     const char *dir = test_tmpdir();
-    write_small_split(dir);
+    test_write_shakespeare_split(dir);
     char *args = NULL, *out = NULL, *err = NULL;
     if (asprintf(&args, "train --model '%s' --data '%s/train.txt' --eval-data '%s/eval.txt' "
                         "--method ia3 --steps 200 --batch-size 4 --seq-len 32 --lr 3e-2 "
@@ -364,15 +335,15 @@ TEST(ia3_recipe_lowers_eval_loss)
     char run[512], eval_file[512];
     snprintf(run, sizeof run, "%s/run", dir);
     snprintf(eval_file, sizeof eval_file, "%s/eval.txt", dir);
-    CHECK_CLOSE(cli_eval_loss(NULL, eval_file), before, 1e-5);
-    CHECK_CLOSE(cli_eval_loss(run, eval_file), after, 1e-5);
+    CHECK_CLOSE(test_cli_eval_loss(NULL, eval_file, 32), before, 1e-5);
+    CHECK_CLOSE(test_cli_eval_loss(run, eval_file, 32), after, 1e-5);
     free(args), free(out), free(err);
 }
 
 TEST(ia3_train_rejects_bad_target)
 {
     const char *dir = test_tmpdir();
-    write_small_split(dir);
+    test_write_shakespeare_split(dir);
     char *args = NULL, *err = NULL;
     if (asprintf(&args, "train --model '%s' --data '%s/train.txt' --method ia3 --target "
                         "k_proj,c_attn --out '%s/run' --quiet",

@@ -257,23 +257,6 @@ static double last_eval_loss(const char *run)
     return loss;
 }
 
-/* Runs "cpeft eval" of run on data and returns its loss, or NAN. */
-static double cli_eval(const char *run, const char *data, int seq_len)
-{
-    char *args = NULL, *out = NULL, *err = NULL;
-    if (asprintf(&args, "eval --model '%s' %s%s%s --data '%s' --seq-len %d",
-                 test_shared("models/stories260K"), run ? "--adapter '" : "", run ? run : "",
-                 run ? "'" : "", data, seq_len) < 0)
-        abort();
-    double loss = NAN;
-    CHECK_MSG(test_run_cli(args, NULL, &out, &err) == 0, "%s: %s", args, err);
-    const char *hit = out ? strstr(out, "\"loss\": ") : NULL;
-    if (hit)
-        loss = strtod(hit + 8, NULL);
-    free(args), free(out), free(err);
-    return loss;
-}
-
 /* Trains method (with extra options) on stories260K, then checks that
  * cpeft eval with the saved adapter gives the loss the run ended with. */
 void pl_check_save_load(const char *method, const char *extra)
@@ -288,7 +271,7 @@ void pl_check_save_load(const char *method, const char *extra)
                  test_shared("models/stories260K"), train, eval, run, method, extra) < 0)
         abort();
     CHECK_MSG(test_run_cli(args, NULL, NULL, &err) == 0, "%s: %s", args, err);
-    double trained = last_eval_loss(run), loaded = cli_eval(run, eval, 32);
+    double trained = last_eval_loss(run), loaded = test_cli_eval_loss(run, eval, 32);
     CHECK_MSG(fabs(trained - loaded) < 2e-6, "%s: eval loss %.6f after training, %.6f loaded",
               method, trained, loaded);
     free(train), free(eval), free(run), free(args), free(err);
@@ -408,7 +391,7 @@ TEST(prompt_train_recipe_lowers_eval_loss)
                  test_shared("models/stories260K"), train, eval, run) < 0)
         abort();
     CHECK_MSG(test_run_cli(args, NULL, NULL, &err) == 0, "%s", err);
-    double before = cli_eval(NULL, eval, 32), after = last_eval_loss(run);
+    double before = test_cli_eval_loss(NULL, eval, 32), after = last_eval_loss(run);
     printf("    prompt, 200 steps: eval loss %.4f -> %.4f\n", before, after);
     CHECK_MSG(after < before - 0.3, "eval loss %.4f -> %.4f", before, after);
     free(train), free(eval), free(run), free(args), free(err);
