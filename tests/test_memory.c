@@ -49,8 +49,8 @@ TEST(gpt2_124m_generates_within_rss_budget)
 
 /* QLoRA's point: training at B=1, T=128 with the projections in NF4 peaks at
  * no more than half of float32 LoRA's resident memory, as cpeft train reports
- * it (VmHWM: the children's ru_maxrss would include this process's heap,
- * which a child holds between fork and exec). */
+ * it. That is VmHWM, because the children's ru_maxrss would include this
+ * process's heap, which a child maps between fork and exec. */
 TEST(qlora_124m_training_rss_below_half_of_lora)
 {
     char *path = NULL;

@@ -316,14 +316,15 @@ static char *patched_gguf_u32(const char *fixture, const char *key, uint32_t val
     return path;
 }
 
-static void check_load_fails(const char *path, const char *what, const char *want)
+static void check_load_fails(const char *path, const char *label, const char *want)
 {
     cp_model *m = NULL;
     cp_error err = {0};
     cp_status st = path ? cp_model_load(path, &m, &err) : CP_ERR_INPUT;
-    CHECK_MSG(st == CP_ERR_INPUT, "%s: loaded", what);
-    CHECK_MSG(!path || strstr(err.msg, want), "%s: message \"%s\" lacks \"%s\"", what, err.msg, want);
-    CHECK_MSG(!strchr(err.msg, '\n'), "%s: message spans lines", what);
+    CHECK_MSG(st == CP_ERR_INPUT, "%s: loaded", label);
+    CHECK_MSG(!path || strstr(err.msg, want), "%s: message \"%s\" lacks \"%s\"", label, err.msg,
+              want);
+    CHECK_MSG(!strchr(err.msg, '\n'), "%s: message spans lines", label);
     cp_model_free(m);
 }
 

@@ -335,7 +335,8 @@ TEST(prompt_init_copies_token_embeddings)
     cp_tokenizer *tok = NULL;
     CHECK(cp_tokenizer_load(m->dir, &tok, &err) == CP_OK);
     CHECK(tok != NULL);
-    CHECK(tok && cp_tokenizer_encode(tok, "ab", 2, 1, &ids, &n_ids, &err) == CP_OK);
+    if (tok)
+        CHECK(cp_tokenizer_encode(tok, "ab", 2, 1, &ids, &n_ids, &err) == CP_OK);
     CHECK(n_ids >= 2);
     CHECK(n_ids < 5);
     size_t C = m->cfg.hidden_size;

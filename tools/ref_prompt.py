@@ -22,11 +22,12 @@ Regenerate the fixture from the repository root:
 
     /usr/bin/python3 tools/ref_prompt.py make-fixture
 
-It writes tests/fixtures/prompt/: adapter_config.json and
-adapter_model.safetensors (a random prompt of 4 virtual tokens for
-stories260K), grads.safetensors (the gradient of prompt_embeddings, F32) and
-expected.json (input ids, targets and loss; the ids are tinyshakespeare's
-first lines), all computed in float64.
+It writes tests/fixtures/prompt/, all computed in float64:
+- adapter_config.json and adapter_model.safetensors, a random prompt of 4
+  virtual tokens for stories260K;
+- grads.safetensors, the gradient of prompt_embeddings in F32;
+- expected.json, the input ids (tinyshakespeare's first lines), targets
+  and loss.
 """
 
 import argparse

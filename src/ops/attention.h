@@ -5,9 +5,9 @@
  * i - W < j <= i; with W = 0 it attends to every j <= i.
  *
  * The _prefix variants put P key/value rows, shared by every sequence,
- * before each sequence's own: they take absolute positions 0..P-1, query t
- * sits at position P + t, and the mask above applies to absolute positions
- * (so without a window every query attends to the whole prefix).
+ * before each sequence's own. The prefix takes absolute positions 0..P-1
+ * and query t position P + t. The mask above applies to absolute positions,
+ * so without a window every query attends to the whole prefix.
  */
 #ifndef CP_OPS_ATTENTION_H
 #define CP_OPS_ATTENTION_H

@@ -48,17 +48,17 @@ static cp_status select_trainable(const cp_model *m, const char *globs, cp_base_
 {
     if (!globs)
         return CP_OK;
-    int kept = 0;
+    int n_matched = 0;
     for (int i = 0; i < *n; i++)
         if (matches_any(globs, list[i].name))
-            list[kept++] = list[i];
-    if (kept == 0)
+            list[n_matched++] = list[i];
+    if (n_matched == 0)
         return cp_error_set(err, CP_ERR_INPUT,
                             "--trainable '%s' matches no tensor of the %s model; names look like "
                             "%s or %s (cpeft inspect MODEL lists them all)",
                             globs, m->cfg.model_type, list[*n > 1 ? 1 : 0].name,
                             list[*n - 1].name);
-    *n = kept;
+    *n = n_matched;
     return CP_OK;
 }
 

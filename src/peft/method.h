@@ -77,7 +77,7 @@ typedef struct cp_method_ops {
     cp_status (*reserve)(cp_method *self, int rows, int training, cp_error *err);
 
     /* Output hook: out (N, out) contains x Wᵀ + b of projection p in layer l
-     * for input x (N, in); the method changes it in place. */
+     * for input x (N, in). The method changes it in place. */
     void (*project)(cp_method *self, int l, cp_proj p, float *out, const float *x, int N);
     /* Backward of project: dout (N, out) arrives as the gradient of the hooked
      * output and must leave as that of x Wᵀ + b. The method accumulates its
@@ -112,7 +112,7 @@ typedef struct cp_method_ops {
     int (*prefix_tokens)(const cp_method *self);
     /* Points *k and *v at layer l's prefix keys and values, each (P, KVH, D),
      * which attention uses as given (no RoPE) and every query attends to. A pass
-     * asks for layer 0 first, so the method may compute every layer's
+     * requests layer 0 first, so the method may compute every layer's
      * prefixes then; the arrays stay valid until the next call for layer 0. */
     void (*attention_prefix)(cp_method *self, int l, const float **k, const float **v);
     /* Backward of attention_prefix: dk and dv (P, KVH, D) are the gradients

@@ -5,7 +5,7 @@
  * RoPE), every query attends to them, and the real tokens' positions start
  * at n.
  *
- * prompt_embeddings is (n, L * 2 * W) with W = KVH * head_dim: row t holds
+ * prompt_embeddings is (n, L * 2 * W) with W = KVH * head_dim: row t contains
  * layer 0's key, layer 0's value, layer 1's key, ... of virtual position t,
  * each (KVH, head_dim), the order PEFT's get_prompt views it in. PEFT sizes
  * the prefixes by key/value heads for grouped-query models (its token_dim
